@@ -1,0 +1,1055 @@
+"""
+test_all.py — every nanoalign test: CPU only, offline, tiny configs, minutes on 2 cores.
+
+    python -m pytest -q test_all.py
+"""
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from transformers import (BertConfig, BertForMaskedLM, BertLMHeadModel, BertModel, CLIPVisionConfig, CLIPVisionModel,
+                          DeiTConfig, DeiTModel, ViTConfig, ViTModel)
+
+REPO = Path(__file__).resolve().parent
+os.environ['NANOALIGN_OFFLINE'] = '1'   # never reach for the network in a test
+os.environ['HF_HUB_OFFLINE'] = '1'
+
+import common  # noqa: E402
+import data  # noqa: E402
+from common import (CLIP_MEAN, CLIP_STD, PAD, PANEL_W, Attention, BertLayer, RunConfig, VisionTransformer,  # noqa: E402
+                    _ptb_like, _spice_ready, _tokenize, auroc, bert_from_hf, caption_metrics, causal_mask,
+                    interpolate_pos_embed, padding_mask, parse_config, render_tokens, retrieval_metrics, vit_from_hf)
+from data import UserError  # noqa: E402
+
+# ============================================================================= common: config, CLI, training core
+
+@dataclass
+class ToyConfig(RunConfig):
+    hidden: int = 16            # a method field
+    dims: tuple = (4, 8)        # a tuple field
+    use_queue: bool = True
+
+
+TOY_PRESETS = {'shapes': dict(max_steps=50), 'coco': dict(max_steps=9000, hidden=768)}
+
+
+def test_cli_flags_override_the_data_preset():
+    cfg = parse_config(ToyConfig, TOY_PRESETS, ['--data', 'coco', '--hidden=32', '--use_queue', 'false',
+                                                 '--dims', '2,4,8'], stem='toy')
+    assert (cfg.max_steps, cfg.hidden, cfg.use_queue, cfg.dims) == (9000, 32, False, (2, 4, 8))
+    assert cfg.out_dir == str(Path('out') / 'toy')
+    assert parse_config(ToyConfig, TOY_PRESETS, [], stem='toy').max_steps == 50
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--max_step', '3'], 'did you mean --max_steps'),
+    (['--use_queue', 'yes'], 'takes true or false'),
+    (['--hidden', 'big'], 'takes a int'),
+    (['--data', 'imagenet'], "unknown --data 'imagenet'"),
+    (['--lr'], 'needs a value'),
+])
+def test_cli_mistakes_get_one_clear_message(argv, message):
+    with pytest.raises(UserError, match=message):
+        parse_config(ToyConfig, TOY_PRESETS, argv, stem='toy')
+
+
+def test_main_guard_prints_the_message_without_a_traceback(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        common.main_guard(lambda: parse_config(ToyConfig, TOY_PRESETS, ['--bogus', '1']))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith('error: unknown flag --bogus') and 'Traceback' not in err
+
+
+def test_lr_warms_up_linearly_then_follows_the_cosine_to_the_floor():
+    cfg = RunConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert common.lr_at(0, cfg) == pytest.approx(0.1)
+    assert common.lr_at(9, cfg) == pytest.approx(1.0)
+    assert common.lr_at(60, cfg) == pytest.approx(0.1 + 0.9 * 0.5)   # half-way through the cosine
+    assert common.lr_at(110, cfg) == pytest.approx(0.1)
+
+
+def test_param_groups_exempt_biases_and_norms_from_weight_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    decay, no_decay = common.param_groups(model, 0.05, lr_scale=2.0)
+    assert [p.shape for p in decay['params']] == [(4, 4)] and decay['weight_decay'] == 0.05
+    assert len(no_decay['params']) == 2 and no_decay['weight_decay'] == 0.0  # linear bias + LN bias
+    opt = torch.optim.AdamW([decay, no_decay], lr=1.0)
+    common.set_lr(opt, 0.5)
+    assert [g['lr'] for g in opt.param_groups] == [1.0, 1.0]
+
+
+def test_checkpoint_round_trip_restores_weights_optimizer_and_rng(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'toy.py', model, opt, step=7, cfg=cfg)
+    assert not (tmp_path / 'ckpt.tmp').exists()     # written through a temp file, then renamed
+    expected_draw = torch.rand(3)
+    model2 = torch.nn.Linear(3, 2)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    state = common.load_checkpoint(tmp_path / 'ckpt.pt', 'toy.py')
+    assert common.restore(state, model2, opt2) == 7
+    assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
+    assert torch.equal(model2.weight, model.weight)
+    assert opt2.state_dict()['state'][0]['step'] == 1
+
+
+def test_checkpoint_keys_have_no_wrapper_prefixes(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = model        # what torch.compile puts around a module
+    assert common.unwrap(wrapped) is model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'toy.py', wrapped, opt, 0, RunConfig())
+    assert set(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']) == {'weight', 'bias'}
+
+
+def test_checkpoint_mistakes_name_the_file_and_the_fix(tmp_path):
+    with pytest.raises(UserError, match='no checkpoint at .*missing.pt'):
+        common.load_checkpoint(tmp_path / 'missing.pt', 'toy.py')
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'other.py', model, torch.optim.SGD(model.parameters(), lr=1),
+                           0, RunConfig())
+    with pytest.raises(UserError, match='written by other.py, not toy.py'):
+        common.load_checkpoint(tmp_path / 'ckpt.pt', 'toy.py')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    with pytest.raises(UserError, match='not a readable nanoalign checkpoint'):
+        common.load_checkpoint(tmp_path / 'junk.pt', 'toy.py')
+
+
+def test_nan_loss_stops_the_run_and_points_at_the_last_good_checkpoint(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path))
+    common.check_finite(torch.tensor(1.0), 3, cfg)
+    (tmp_path / 'ckpt.pt').write_bytes(b'')
+    with pytest.raises(UserError, match=r'loss is nan at step 5; stopped, the last good checkpoint is'):
+        common.check_finite(torch.tensor(float('nan')), 5, cfg)
+
+
+def test_logger_writes_one_json_line_per_logged_step(tmp_path):
+    cfg = RunConfig(out_dir=str(tmp_path), max_steps=4, log_every=2, batch_size=8)
+    run = common.Run(device=torch.device('cpu'))
+    logger = common.Logger(cfg, run)
+    for step in range(4):
+        logger.step(step, dict(loss=1.0 / (step + 1)), lr=0.1)
+    speed = logger.speed()
+    logger.close()
+    rows = [json.loads(line) for line in (tmp_path / 'log.jsonl').read_text().splitlines()]
+    assert [r['step'] for r in rows] == [2, 4] and rows[1]['loss'] == 0.25
+    assert rows[0]['samples_per_s'] > 0 and speed['train_samples_per_s'] > 0 and speed['peak_mem_mb'] > 0
+
+
+def test_peak_flops_are_looked_up_by_device_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None: 'NVIDIA H100 PCIe')
+    assert common.peak_flops(torch.device('cuda', 0)) == 756e12
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None: 'NVIDIA H100 80GB HBM3')
+    assert common.peak_flops(torch.device('cuda', 0)) == 989e12
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda d=None: 'Some Future GPU')
+    assert common.peak_flops(torch.device('cuda', 0)) is None
+    assert common.peak_flops(torch.device('cpu')) is None
+
+
+DDP_SCRIPT = '''
+import sys, torch, torch.nn.functional as F
+sys.path.insert(0, {repo!r})
+import common
+cfg = common.RunConfig(device='cpu', out_dir={out!r})
+run = common.setup(cfg)                        # gloo process group under torchrun
+model = torch.nn.Linear(8, 4)                  # same init on every rank (same seed)
+ddp = common.wrap_ddp(model, run)
+g = torch.Generator().manual_seed(1)
+images, texts = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)   # the global batch
+mine = slice(4 * run.rank, 4 * run.rank + 4)
+feats = ddp(torch.cat([images[mine], texts[mine]]))
+img, txt = (F.normalize(common.all_gather(f), dim=-1) for f in feats.split(4))  # (8, 4) each
+logits = img @ txt.T / 0.07
+loss = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2
+loss.backward()                                # DDP averages the parameter gradients over ranks
+if run.is_main:
+    torch.save([p.grad for p in model.parameters()], {out!r} + '/grads.pt')
+'''
+
+
+def test_gathered_contrastive_loss_on_two_ranks_matches_one_process_on_the_whole_batch(tmp_path):
+    script = tmp_path / 'ddp.py'
+    script.write_text(DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    g = torch.Generator().manual_seed(1)
+    images, texts = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    img, txt = F.normalize(model(images), dim=-1), F.normalize(model(texts), dim=-1)
+    logits = img @ txt.T / 0.07
+    ((F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, torch.arange(8))) / 2).backward()
+    for ddp_grad, p in zip(torch.load(tmp_path / 'grads.pt'), model.parameters()):
+        torch.testing.assert_close(ddp_grad, p.grad, atol=1e-6, rtol=1e-5)
+
+
+# ============================================================================= data: ShapesWorld, tokenizer, real data, loaders
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv('NANOALIGN_OFFLINE', '1')
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return data.build_tokenizer()
+
+
+def word_diff(a, b):
+    a, b = a.split(), b.split()
+    assert len(a) == len(b)
+    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+
+
+# ----------------------------------------------------------------------------- ShapesWorld
+
+def test_shapesworld_is_deterministic_and_independent_of_call_order():
+    a, b = data.ShapesWorld(seed=3), data.ShapesWorld(seed=3)
+    b.image('train', 99), b.captions('val', 5)  # other calls first must not matter
+    for split, i in (('train', 12), ('val', 7), ('test', 0)):
+        assert np.array_equal(np.asarray(a.image(split, i)), np.asarray(b.image(split, i)))
+        assert a.captions(split, i) == b.captions(split, i) and a.scene(split, i) == b.scene(split, i)
+        assert a.questions(split, i) == b.questions(split, i)
+    other = data.ShapesWorld(seed=4)
+    assert [other.captions('train', i) for i in range(10)] != [a.captions('train', i) for i in range(10)]
+    assert not np.array_equal(np.asarray(other.image('train', 0)), np.asarray(a.image('train', 0)))
+
+
+def test_shapesworld_image_is_rgb_of_the_asked_size_with_noisy_background():
+    world = data.ShapesWorld(image_size=48, min_objects=2, max_objects=2)
+    pixels = np.asarray(world.image('train', 0))
+    assert pixels.shape == (48, 48, 3) and len(world.scene('train', 0)) == 2
+    assert pixels[..., 0].std() > 0 and len(np.unique(pixels)) > 20
+
+
+def test_splits_are_disjoint_in_index_and_in_scene_content():
+    world = data.ShapesWorld(train_images=3000)
+    assert world.num_images('val') == world.num_images('test') == 1000
+    keys = {split: {repr(world.scene(split, i)) for i in range(n)}
+            for split, n in (('train', 3000), ('val', 1000), ('test', 1000))}
+    assert not keys['train'] & keys['val'] and not keys['train'] & keys['test'] and not keys['val'] & keys['test']
+    with pytest.raises(IndexError):
+        world.scene('test', 1000)
+
+
+def test_every_caption_is_true_of_its_scene_and_in_the_grammar():
+    world = data.ShapesWorld()
+    for split, n in (('train', 300), ('test', 100)):
+        for i in range(n):
+            scene, captions = world.scene(split, i), world.captions(split, i)
+            assert len(captions) == data.CAPTIONS_PER_IMAGE and len(set(captions)) >= 3
+            for caption in captions:
+                assert data.parse_caption(caption) is not None, caption
+                assert data.caption_is_true(caption, scene), (caption, scene)
+
+
+def test_caption_evaluator_on_hand_made_scene():
+    scene = [dict(color='red', shape='circle', size='small', row=0, col=0),
+             dict(color='blue', shape='square', size='large', row=2, col=1)]
+    true = ['a small red circle above a large blue square', 'there is a blue square at the bottom',
+            'a red circle is to the left of a square', 'at the top left there is a circle',
+            'a square and a red circle', 'a large square is below a circle']
+    false = ['a red circle below a blue square', 'there is a blue square at the bottom right',
+             'a red circle is to the right of a square', 'a large red circle', 'a square and a blue square',
+             'a green cross']
+    assert all(data.caption_is_true(c, scene) for c in true)
+    assert not any(data.caption_is_true(c, scene) for c in false)
+    assert data.parse_caption('a circle on the left') is None and data.parse_caption('at the center left') is None
+
+
+def test_every_swap_is_false_with_exactly_one_visual_word_changed():
+    world, rng = data.ShapesWorld(), np.random.default_rng(0)
+    found = dict.fromkeys(data.ATTRIBUTE_WORDS, 0)
+    for i in range(150):
+        scene = world.scene('test', i)
+        for caption in world.captions('test', i):
+            for attribute in data.ATTRIBUTE_WORDS:
+                swapped = world.swap(caption, scene, attribute, rng)
+                if attribute == 'shape' or (attribute == 'color' and set(caption.split()) & set(data.COLORS)):
+                    assert swapped is not None  # 4 shapes / 8 colours vs <= 3 objects: always possible
+                if swapped is None:
+                    continue
+                new, k = swapped
+                found[attribute] += 1
+                assert word_diff(caption, new) == [k]
+                assert new.split()[k] in data.ATTRIBUTE_WORDS[attribute] and new.split()[k] in data.VISUAL_WORDS
+                assert not data.caption_is_true(new, scene)
+    assert min(found.values()) > 100, found
+
+
+def test_caption_noise_rate_is_p_and_the_changed_word_is_recorded():
+    p, n = 0.2, 2000  # 10k captions
+    clean, noisy = data.ShapesWorld(train_images=n), data.ShapesWorld(caption_noise=p, train_images=n)
+    noised = 0
+    for i in range(n):
+        scene, captions = clean.scene('train', i), clean.captions('train', i)
+        new, words = noisy.captions_and_noise('train', i)
+        for c, c_new, k in zip(captions, new, words):
+            if k < 0:
+                assert c_new == c
+            else:
+                noised += 1
+                assert word_diff(c, c_new) == [k] and c_new.split()[k] in data.VISUAL_WORDS
+                assert not data.caption_is_true(c_new, scene)
+    assert abs(noised / (5 * n) - p) < 0.02
+    for split in ('val', 'test'):  # never noised
+        for i in range(200):
+            assert noisy.captions_and_noise(split, i) == (clean.captions(split, i), [-1] * 5)
+
+
+def test_noise_mask_marks_the_corrupted_token_after_tokenization(tokenizer):
+    world = data.ShapesWorld(caption_noise=0.5, train_images=40)
+    dataset = data.ShapesCaptions(world, 'train')
+    items = [dataset[k] for k in range(len(dataset))]
+    batch = data.collate(items, tokenizer, max_len=32)
+    assert batch['noise_mask'].shape == batch['input_ids'].shape
+    for b, item in enumerate(items):
+        marked = batch['noise_mask'][b].nonzero().flatten().tolist()
+        if item['noise_word'] < 0:
+            assert marked == []
+        else:  # [CLS] first, then one token per word
+            assert marked == [item['noise_word'] + 1]
+            word = item['caption'].split()[item['noise_word']]
+            assert tokenizer.convert_ids_to_tokens(batch['input_ids'][b, marked[0]].item()) == word
+    assert 0.3 < (batch['noise_mask'].sum(1) > 0).float().mean() < 0.7
+
+
+def test_visual_mask_is_aligned_with_tokens(tokenizer):
+    dataset = data.ShapesCaptions(data.ShapesWorld(), 'val', max_images=16)
+    batch = data.collate([dataset[k] for k in range(16)], tokenizer, max_len=32)
+    assert batch['visual_mask'].shape == batch['input_ids'].shape and batch['visual_mask'].dtype == torch.long
+    for ids, mask, caption in zip(batch['input_ids'], batch['visual_mask'], [dataset[k]['caption'] for k in range(16)]):
+        tokens = tokenizer.convert_ids_to_tokens(ids.tolist())
+        assert [t for t, m in zip(tokens, mask) if m] == [w for w in caption.split() if w in data.VISUAL_WORDS]
+        assert not any(m and t.startswith('[') for t, m in zip(tokens, mask))
+
+
+def test_tokenizer_round_trips_text_and_save_pretrained(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    assert [tokenizer.convert_tokens_to_ids(t) for t in data.SPECIAL_TOKENS] == list(range(6))
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.mask_token_id, tokenizer.bos_token_id) == (0, 1, 2, 3, 4, 5)
+    world = data.ShapesWorld()
+    texts = [c for i in range(50) for c in world.captions('train', i)]
+    texts += [q for i in range(50) for q, a, _ in world.questions('train', i)] + list(data.PROMPTS)
+    enc = tokenizer(texts)
+    assert all(tokenizer.unk_token_id not in ids for ids in enc.input_ids)
+    assert all(ids[0] == 2 and ids[-1] == 3 for ids in enc.input_ids)
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in enc.input_ids] == texts
+    assert tokenizer('A Red circle?').input_ids == tokenizer('a red circle ?').input_ids
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(texts).input_ids == enc.input_ids and len(reloaded) == len(tokenizer) == len(data.VOCAB)
+    assert reloaded.bos_token == '[DEC]' and reloaded.mask_token_id == 4
+
+
+def _resolve(name, scene):
+    """Objects named by '[size] [color] (shape|object) [at the POS]' (independent of data.py's generator)."""
+    words, cell = name.split(), None
+    if 'at' in words:
+        k = words.index('at')
+        cell = next((r, c) for r in range(3) for c in range(3) if data.position_phrase(r, c) == ' '.join(words[k + 2:]))
+        words = words[:k]
+    return [o for o in scene if all(w == 'object' or w in (o['size'], o['color'], o['shape']) for w in words)
+            and cell in (None, (o['row'], o['col']))]
+
+
+def test_questions_are_answerable_and_correct_for_the_scene():
+    world = data.ShapesWorld()
+    kinds = set()
+    for i in range(300):
+        scene = world.scene('train', i)
+        for question, answer, kind in world.questions('train', i):
+            kinds.add(kind)
+            words = question.split()
+            assert words[-1] == '?'
+            if kind in ('color', 'shape', 'size', 'position'):
+                name = ' '.join(words[4 if kind != 'position' else 3:-1])
+                (obj,) = _resolve(name, scene)  # names exactly one object
+                assert answer == (data.position_phrase(obj['row'], obj['col']) if kind == 'position' else obj[kind])
+                assert kind == 'position' or obj[kind] not in name.split()  # the name does not give it away
+            elif kind == 'count':
+                target = words[2]
+                n = sum(target == 'objects' or target in (o['color'], data.PLURALS[data.SHAPES.index(o['shape'])])
+                        for o in scene)
+                assert answer == data.NUMBERS[n]
+            else:
+                assert answer == ('yes' if _resolve(' '.join(words[3:-1]), scene) else 'no')
+    assert kinds == {'color', 'shape', 'size', 'position', 'count', 'yesno'}
+
+
+def test_answer_noise_changes_one_word_of_visual_answers_in_training_only():
+    clean, noisy = data.ShapesWorld(train_images=500), data.ShapesWorld(caption_noise=0.3, train_images=500)
+    eligible = noised = 0
+    for i in range(500):
+        qa, noise = noisy.questions_and_noise('train', i)
+        for (q, a, kind), (q0, a0, kind0), k in zip(qa, clean.questions('train', i), noise):
+            assert (q, kind) == (q0, kind0)
+            eligible += kind not in ('count', 'yesno')
+            if k < 0:
+                assert a == a0
+            else:
+                noised += 1
+                assert kind not in ('count', 'yesno') and word_diff(a0, a) == [k] and a.split()[k] in data.VISUAL_WORDS
+    assert abs(noised / eligible - 0.3) < 0.04
+    assert noisy.questions_and_noise('val', 0) == (clean.questions('val', 0), [-1] * len(clean.questions('val', 0)))
+
+
+def test_latents_are_4_by_h8_by_w8_and_deterministic():
+    world = data.ShapesWorld()
+    image = world.transform(world.image('test', 0))  # (3, 64, 64)
+    z = data.latents(image)
+    assert z.shape == (4, 8, 8) and torch.equal(z, data.latents(world.transform(world.image('test', 0))))
+    assert torch.allclose(z[:3], image.reshape(3, 8, 8, 8, 8).mean((2, 4)), atol=1e-6)
+    assert data.latents(image.expand(2, 3, 64, 64)).shape == (2, 4, 8, 8)
+    item = data.ShapesCaptions(world, 'test', image_input='latents')[0]
+    assert torch.equal(item['image'], z)
+    with pytest.raises(UserError, match='divisible by 8'):
+        data.latents(torch.zeros(3, 60, 60))
+
+
+# ----------------------------------------------------------------------------- caption JSON (COCO / Flickr / any)
+
+def _save_image(path, color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (40, 30), color).save(path)
+
+
+def make_karpathy_folder(root, prefix='coco_karpathy_'):
+    """A tiny COCO-like folder: 3 train images (2 captions each), 2 val and 2 test images (2 captions each)."""
+    for k in range(7):
+        _save_image(root / 'val2014' / f'{k}.jpg', (30 * k, 100, 50))
+    train = [dict(image=f'val2014/{k}.jpg', caption=f'A dog, on the LEFT #{j}!', image_id=f'coco_{k}')
+             for k in range(3) for j in range(2)]
+    (root / f'{prefix}train.json').write_text(json.dumps(train))
+    for split, ks in (('val', (3, 4)), ('test', (5, 6))):
+        rows = [dict(image=f'val2014/{k}.jpg', caption=[f'a cat {k}', f'two cats {k}.']) for k in ks]
+        (root / f'{prefix}{split}.json').write_text(json.dumps(rows))
+
+
+def test_karpathy_folder_loads_train_rows_per_caption_and_eval_rows_per_image(tmp_path, tokenizer):
+    make_karpathy_folder(tmp_path)
+    train = data.build_dataset('coco', 'train', data_root=str(tmp_path), image_size=32)
+    assert len(train) == 6
+    item = train[1]
+    assert item['image'].shape == (3, 32, 32) and item['image_id'] == 0
+    assert item['caption'] in ('a dog, on the left 1', 'a dog, on the right 1')  # cleaned, maybe flipped
+    test = data.build_dataset('coco', 'test', data_root=str(tmp_path), image_size=32)
+    assert len(test) == 2 and test.texts == ['a cat 5', 'two cats 5', 'a cat 6', 'two cats 6']
+    assert test.txt2img == [0, 0, 1, 1] and test.img2txt == [[0, 1], [2, 3]]
+    batch = next(iter(data.eval_loader(test, 2, partial(data.collate, tokenizer=tokenizer, max_len=16))))
+    assert batch['image'].shape == (2, 3, 32, 32) and batch['captions'][1] == ['a cat 6', 'two cats 6']
+    assert batch['image_id'].tolist() == [0, 1] and batch['n_bad'] == 0
+    make_karpathy_folder(tmp_path, 'flickr30k_')
+    assert len(data.build_dataset('flickr30k', 'val', data_root=str(tmp_path), image_size=32)) == 2
+
+
+def test_generic_json_and_jsonl_rows_with_images_or_latents(tmp_path):
+    _save_image(tmp_path / 'a.png')
+    (tmp_path / 'rows.json').write_text(json.dumps([dict(image='a.png', caption='one'),
+                                                     dict(image='a.png', caption=['two', 'three'])]))
+    dataset = data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_size=16)
+    assert [dataset[k]['caption'] for k in range(3)] == ['one', 'two', 'three']
+    torch.save(torch.ones(4, 2, 2), tmp_path / 'z.pt')
+    np.save(tmp_path / 'z.npy', np.zeros((4, 2, 2), np.float32))
+    lines = [json.dumps(dict(latent='z.pt', caption='a latent')), json.dumps(dict(latent='z.npy', caption='b'))]
+    (tmp_path / 'lat_test.jsonl').write_text('\n'.join(lines))
+    latent_set = data.build_dataset('json', 'test', ann_file=str(tmp_path / 'lat_{split}.jsonl'),
+                                    image_input='latents')
+    assert torch.equal(latent_set[0]['image'], torch.ones(4, 2, 2)) and latent_set[1]['image'].shape == (4, 2, 2)
+    with pytest.raises(UserError, match="'latent' paths"):
+        data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_input='latents')
+
+
+def test_pre_caption_cleans_like_blip():
+    assert data.pre_caption('  A Dog!! runs (fast);  home.\n', max_words=30) == 'a dog runs fast home'
+    assert data.pre_caption('one two three four', max_words=2) == 'one two'
+
+
+def test_train_flip_swaps_left_and_right_words_with_the_image():
+    image = Image.new('RGB', (64, 64), (255, 0, 0))
+    image.paste((0, 0, 255), (32, 0, 64, 64))  # left red, right blue
+    transform = data.ImageTransform(32, train=True)
+    seen = set()
+    torch.manual_seed(0)
+    for _ in range(20):
+        pixels, caption = transform(image, 'a red half on the left and blue on the right, rightly')
+        flipped = caption == 'a red half on the right and blue on the left, rightly'
+        assert flipped or caption == 'a red half on the left and blue on the right, rightly'
+        left_is_red = pixels[0, :, 0].mean() > pixels[2, :, 0].mean()
+        assert left_is_red != flipped
+        seen.add(flipped)
+    assert seen == {True, False}
+    eval_pixels, eval_caption = data.ImageTransform(32, train=False)(image, 'on the left')
+    assert eval_caption == 'on the left' and eval_pixels.shape == (3, 32, 32)
+    assert data.flip_caption('left right leftover') == 'right left leftover'
+
+
+# ----------------------------------------------------------------------------- loaders
+
+def test_train_batches_resume_from_start_step_equals_the_uninterrupted_run(tokenizer):
+    dataset = data.ShapesCaptions(data.ShapesWorld(train_images=10), 'train')  # 50 rows: 6 batches of 8 / epoch
+    collate = partial(data.collate, tokenizer=tokenizer, max_len=32)
+    fresh = data.train_batches(dataset, 8, collate, seed=1)
+    run = [next(fresh) for _ in range(15)]  # crosses two epoch boundaries
+    for k in (4, 6, 9):
+        resumed = data.train_batches(dataset, 8, collate, seed=1, start_step=k)
+        for expected in run[k:k + 4]:
+            got = next(resumed)
+            assert got['index'].tolist() == expected['index'].tolist() and torch.equal(got['image'], expected['image'])
+            assert torch.equal(got['input_ids'], expected['input_ids'])
+    first_epoch = [c for batch in run[:6] for c in batch['input_ids'].tolist()]
+    assert len(first_epoch) == 48
+    assert run[0]['index'].tolist() != run[6]['index'].tolist()  # reshuffled each epoch
+
+
+def test_train_batches_shard_one_epoch_disjointly_across_ranks(tokenizer):
+    dataset = data.ShapesCaptions(data.ShapesWorld(train_images=8), 'train')  # 40 rows
+    collate = partial(data.collate, tokenizer=tokenizer, max_len=32)
+    rows = []
+    for rank in (0, 1):
+        batches = data.train_batches(dataset, 5, collate, seed=0, rank=rank, world_size=2)
+        rows += [(i, c) for _ in range(4) for batch in [next(batches)]
+                 for i, c in zip(batch['index'].tolist(), batch['input_ids'].tolist())]
+    assert len(rows) == 40 and len({(i, tuple(c)) for i, c in rows}) >= 38  # identical captions may repeat
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_wrong_data_root_names_the_folder(tmp_path):
+    with pytest.raises(UserError, match=r"--data_root .*nowhere.* is not a folder.*val2014"):
+        data.build_dataset('coco', 'train', data_root=str(tmp_path / 'nowhere'))
+
+
+def test_missing_annotation_file_says_which_file_to_put_where(tmp_path):
+    with pytest.raises(UserError) as e:
+        data.build_dataset('flickr30k', 'test', data_root=str(tmp_path))
+    message = str(e.value)
+    assert str(tmp_path / 'flickr30k_test.json') in message and 'NANOALIGN_OFFLINE' in message
+    assert 'https://storage.googleapis.com/sfr-vision-language-research/datasets/flickr30k_test.json' in message
+
+
+def test_missing_annotation_file_is_fetched_when_the_network_allows(tmp_path, monkeypatch):
+    source = tmp_path / 'server'
+    make_karpathy_folder(source)
+    root = tmp_path / 'coco'
+    root.mkdir()
+    (root / 'val2014').symlink_to(source / 'val2014')
+    monkeypatch.delenv('NANOALIGN_OFFLINE')
+    monkeypatch.setattr(data, 'KARPATHY_URL', source.as_uri() + '/{}.json')  # file:// stands in for https://
+    assert len(data.build_dataset('coco', 'val', data_root=str(root), image_size=16)) == 2
+    assert (root / 'coco_karpathy_val.json').read_text() == (source / 'coco_karpathy_val.json').read_text()
+
+
+def test_missing_ann_file_and_wrong_image_root_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match='does not exist'):
+        data.build_dataset('json', 'train', ann_file=str(tmp_path / 'none.json'))
+    with pytest.raises(UserError, match='needs --ann_file'):
+        data.build_dataset('json', 'train')
+    make_karpathy_folder(tmp_path)
+    (tmp_path / 'elsewhere').mkdir()
+    (tmp_path / 'elsewhere' / 'coco_karpathy_val.json').write_text((tmp_path / 'coco_karpathy_val.json').read_text())
+    with pytest.raises(UserError, match=r"val2014/3.jpg does not exist.*--data_root"):
+        data.build_dataset('coco', 'val', data_root=str(tmp_path / 'elsewhere'))
+
+
+@pytest.mark.parametrize('content, expected', [
+    ('{"images": []}', r"expected a non-empty JSON list.*got a dict with keys \['images'\]"),
+    ('[]', 'expected a non-empty JSON list'),
+    ('[{"image": "a.jpg", "text": "a dog"}]', r"row 0 .* needs 'caption'"),
+    ('[{"image": "a.jpg", "caption": "ok"}, {"caption": "no image"}]', r"row 1 .*'image'"),
+    ('[{"image": "a.jpg", "caption": "a dog"},', r'not valid JSON .*line 1'),
+])
+def test_json_of_the_wrong_shape_or_syntax_names_the_file(tmp_path, content, expected):
+    path = tmp_path / 'bad.json'
+    path.write_text(content)
+    with pytest.raises(UserError, match=expected) as e:
+        data.build_dataset('json', 'train', ann_file=str(path))
+    assert str(path) in str(e.value)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / 'bad.jsonl'
+    path.write_text('{"image": "a.jpg", "caption": "a"}\n{"image": oops}\n')
+    with pytest.raises(UserError, match=r'not valid JSON.*oops'):
+        data.build_dataset('json', 'train', ann_file=str(path))
+
+
+def test_empty_caption_names_the_file_and_row(tmp_path):
+    _save_image(tmp_path / 'a.jpg')
+    path = tmp_path / 'rows.json'
+    path.write_text(json.dumps([dict(image='a.jpg', caption='fine'), dict(image='a.jpg', caption=' ... ')]))
+    with pytest.raises(UserError, match=r'rows.json: row 1 has an empty caption'):
+        data.build_dataset('json', 'train', ann_file=str(path))
+
+
+def test_unreadable_images_are_skipped_counted_and_bounded_by_max_bad_images(tmp_path, tokenizer):
+    for k in range(4):
+        _save_image(tmp_path / f'{k}.jpg')
+    (tmp_path / '2.jpg').write_bytes(b'not a jpeg')
+    (tmp_path / 'rows.json').write_text(json.dumps([dict(image=f'{k}.jpg', caption=f'image {k}') for k in range(4)]))
+    dataset = data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_size=16)
+    collate = partial(data.collate, tokenizer=tokenizer, max_len=8)
+    with pytest.warns(UserWarning, match='2.jpg'):
+        assert dataset[2] is None
+        batch = collate([dataset[k] for k in range(4)])
+    assert batch['n_bad'] == 1 and batch['image'].shape[0] == 3
+    with pytest.warns(UserWarning):
+        batches = data.train_batches(dataset, 4, collate, seed=0, max_bad_images=1)
+        assert next(batches)['n_bad'] == 1
+        with pytest.raises(UserError, match=r'2 images could not be read.*--max_bad_images 1'):
+            next(batches)
+
+
+# ============================================================================= common: own ViT / BERT modules against Hugging Face
+
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+TINY_VISION = dict(image_size=32, patch_size=8, **TINY)
+TINY_TEXT = dict(vocab_size=50, max_position_embeddings=16, **TINY)
+
+
+def saved_and_reloaded(model, path, attn_implementation):
+    """Perturb every parameter (so a missed or swapped key cannot hide behind a default init such as LN weight 1,
+    bias 0), save_pretrained, and reload through from_pretrained: the real loading path."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return type(model).from_pretrained(path, attn_implementation=attn_implementation).eval()
+
+
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+@pytest.mark.parametrize('hf_cls, cfg_cls', [(ViTModel, ViTConfig), (DeiTModel, DeiTConfig),
+                                             (CLIPVisionModel, CLIPVisionConfig)])
+def test_loaded_vit_reproduces_hf_last_hidden_state(tmp_path, attn, hf_cls, cfg_cls):
+    hf = saved_and_reloaded(hf_cls(cfg_cls(**TINY_VISION)), tmp_path, attn)
+    vit = vit_from_hf(hf).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref, ours = hf(pixel_values=images), vit(images)
+    n_special = 2 if hf_cls is DeiTModel else 1  # DeiT: [CLS] + distillation token
+    assert ours.shape == (2, n_special + 16, 32)
+    assert (ours - ref.last_hidden_state).abs().max() < 1e-4
+    if hf_cls is CLIPVisionModel:  # CLIP: post_layernorm only on the pooled CLS, kept as vit.norm
+        assert (vit.norm(ours[:, 0]) - ref.pooler_output).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+def test_loaded_bert_reproduces_hf_last_hidden_state_at_non_pad_positions(tmp_path, attn):
+    hf = saved_and_reloaded(BertModel(BertConfig(**TINY_TEXT)), tmp_path, attn)
+    emb, layers, head, new = bert_from_hf(hf)
+    torch.manual_seed(1)
+    ids = torch.randint(5, 50, (3, 10))
+    am = torch.ones(3, 10, dtype=torch.long)
+    am[1, 6:], am[2, 3:] = 0, 0
+    ids[am == 0] = 0
+    x = emb.eval()(ids)
+    for layer in layers.eval():
+        x = layer(x, mask=padding_mask(am))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=am).last_hidden_state
+    assert (x - ref)[am.bool()].abs().max() < 1e-4
+    assert new and all(k.startswith('mlm_head.') and 'decoder.weight' not in k for k in new)  # bare BertModel
+
+
+def test_mlm_head_reproduces_bert_for_masked_lm_logits(tmp_path):
+    hf = saved_and_reloaded(BertForMaskedLM(BertConfig(**TINY_TEXT)), tmp_path, 'sdpa')
+    emb, layers, head, new = bert_from_hf(hf)
+    assert new == [] and head.decoder.weight is emb.word.weight  # all loaded; decoder tied to the embeddings
+    ids = torch.randint(5, 50, (2, 9))
+    x = emb.eval()(ids)
+    for layer in layers.eval():
+        x = layer(x)
+    with torch.no_grad():
+        ref = hf(input_ids=ids).logits
+    assert (head(x) - ref).abs().max() < 1e-4
+
+
+def test_decoder_with_causal_self_attention_and_cross_attention_reproduces_hf_bert_lm_head_model(tmp_path):
+    # BertLMHeadModel(is_decoder, add_cross_attention) is BLIP's decoder: causal self-attn -> cross-attn -> FFN
+    cfg = BertConfig(is_decoder=True, add_cross_attention=True, **TINY_TEXT)
+    hf = saved_and_reloaded(BertLMHeadModel(cfg), tmp_path, 'sdpa')
+    emb, layers, head, new = bert_from_hf(hf, cross_layers=range(2))
+    assert new == []  # the HF model has cross-attention weights, so they are copied too
+    ids, image = torch.randint(5, 50, (2, 7)), torch.randn(2, 5, 32)
+    am = torch.tensor([[1] * 7, [1] * 5 + [0] * 2])
+    x = emb.eval()(ids)
+    for layer in layers.eval():
+        x = layer(x, mask=padding_mask(am) + causal_mask(7), context=image)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=am, encoder_hidden_states=image).logits
+    assert (head(x) - ref)[am.bool()].abs().max() < 1e-4
+
+
+def test_cross_attention_weights_are_new_and_reported_others_loaded(tmp_path):
+    hf = saved_and_reloaded(BertModel(BertConfig(**TINY_TEXT)), tmp_path, 'sdpa')
+    emb, layers, head, new = bert_from_hf(hf, cross_layers=[1], cross_dim=24)
+    layer_new = [k for k in new if k.startswith('layers.')]
+    assert layer_new and all(k.startswith(('layers.1.cross_attn.', 'layers.1.norm_cross.')) for k in layer_new)
+    assert layers[0].cross_attn is None and layers[1].cross_attn.k.in_features == 24
+    assert torch.equal(layers[1].self_attn.q.weight, hf.encoder.layer[1].attention.self.query.weight)
+
+
+def test_cross_attention_output_depends_on_context():
+    torch.manual_seed(0)
+    layer = BertLayer(32, 4, 64, cross_attention=True, cross_dim=24).eval()
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    assert (layer(x, context=ctx) - layer(x, context=torch.randn(2, 7, 24))).abs().max() > 1e-3
+    ctx_mask = padding_mask(torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
+    changed = ctx.clone()
+    changed[1, 4:] = 100.0  # masked context tokens must not matter
+    assert torch.allclose(layer(x, context=ctx, context_mask=ctx_mask),
+                          layer(x, context=changed, context_mask=ctx_mask), atol=1e-5)
+
+
+def test_causal_mask_makes_position_i_independent_of_later_positions():
+    torch.manual_seed(0)
+    layer = BertLayer(32, 4, 64).eval()
+    x = torch.randn(2, 6, 32)
+    later_changed = x.clone()
+    later_changed[:, 4:] = torch.randn(2, 2, 32)
+    out, out2 = layer(x, mask=causal_mask(6)), layer(later_changed, mask=causal_mask(6))
+    assert torch.allclose(out[:, :4], out2[:, :4], atol=1e-6)
+    assert (out[:, 4:] - out2[:, 4:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_row_with_no_visible_key_stays_finite_when_padding_and_causal_masks_are_summed(dtype):
+    torch.manual_seed(0)
+    attn = Attention(16, 2).to(dtype).eval()
+    am = torch.tensor([[1, 1, 1, 1], [0, 0, 1, 1]])  # left padding: query 0 of row 1 sees nothing
+    mask = padding_mask(am) + causal_mask(4)         # min + min = -inf where both hide; Attention clamps
+    for return_attn in (False, True):
+        out, _ = attn(torch.randn(2, 4, 16, dtype=dtype), mask=mask, return_attn=return_attn)
+        assert torch.isfinite(out).all()
+
+
+def test_attention_map_path_equals_fused_path_and_hides_masked_keys():
+    torch.manual_seed(0)
+    attn = Attention(16, 2, kv_dim=8).eval()
+    x, ctx = torch.randn(2, 3, 16), torch.randn(2, 5, 8)
+    mask = padding_mask(torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    fused, none = attn(x, ctx, mask)
+    explicit, probs = attn(x, ctx, mask, return_attn=True)
+    assert none is None and probs.shape == (2, 2, 3, 5)
+    assert torch.allclose(fused, explicit, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 3)) and probs[0, :, :, 3:].max() == 0
+
+
+def test_score_hook_edits_the_masked_scores_before_the_softmax():
+    torch.manual_seed(0)
+    attn = Attention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+
+    def only_first_key(scores, mask):  # (B, H, Lq, Lk)
+        assert mask.shape == (1, 1, 1, 4)
+        return scores.index_fill(-1, torch.arange(1, 4), torch.finfo(scores.dtype).min)
+
+    attn.score_hook = only_first_key
+    out, probs = attn(x, mask=padding_mask(torch.ones(1, 4)), return_attn=True)
+    assert torch.allclose(probs[..., 0], torch.ones(1, 2, 4))
+    v = attn.v(x)[:, :1]  # every query sees only key 0, so every output is proj(v_0)
+    assert torch.allclose(out, attn.proj(v).expand(1, 4, 16), atol=1e-6)
+
+
+def test_pos_embed_interpolation_is_identity_at_same_size_and_matches_hf_for_larger_images(tmp_path):
+    pos = torch.randn(1, 1 + 16, 32)
+    assert interpolate_pos_embed(pos, 1, 4) is pos
+    hf = saved_and_reloaded(ViTModel(ViTConfig(**TINY_VISION)), tmp_path, 'sdpa')
+    vit = vit_from_hf(hf, image_size=48).eval()
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        ref = hf(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+        ours = vit(images)
+    assert ours.shape == (2, 1 + 36, 32)  # 6x6 grid at 48 px with 8 px patches
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_grad_checkpointing_gives_the_same_output_and_gradients():
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=16, patch_size=8, dim=16, depth=2, heads=2, mlp_dim=32)
+    images = torch.randn(2, 3, 16, 16)
+    grads = []
+    for on in (False, True):
+        vit.zero_grad()
+        vit.grad_checkpointing = on
+        vit(images).square().mean().backward()
+        grads.append([p.grad.clone() for p in vit.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# ============================================================================= common: metrics and pictures
+
+needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='java not on PATH')
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def test_retrieval_recall_matches_hand_ranks_on_3x6_toy():
+    sims = torch.tensor([[0.90, 0.10, 0.80, 0.70, 0.60, 0.50],
+                         [0.85, 0.95, 0.30, 0.20, 0.65, 0.55],
+                         [0.05, 0.15, 0.25, 0.35, 0.45, 0.40]])
+    image_texts = [[0, 1], [2, 3], [4, 5]]
+    # image ranks of the best correct text: 0, 4 (0.85 0.95 0.65 0.55 above 0.30), 0
+    # text ranks of the correct image: t0 0, t1 2, t2 1, t3 2, t4 2, t5 2
+    m = retrieval_metrics(sims, image_texts)
+    expected = dict(tr1=200 / 3, tr5=100, tr10=100, ir1=100 / 6, ir5=100, ir10=100)
+    expected['rmean'] = sum(expected.values()) / 6
+    assert m == pytest.approx(expected)
+
+
+def test_retrieval_recall_at_5_and_10_split_at_rank_5():
+    sims = torch.zeros(2, 12)
+    sims[0] = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0] + [0.1] * 6)  # 5 wrong texts above text 0: rank 5
+    sims[1, 11] = 2.0
+    m = retrieval_metrics(sims, [[0], list(range(1, 12))])
+    assert (m['tr1'], m['tr5'], m['tr10']) == pytest.approx((50, 50, 100))
+    assert (m['ir1'], m['ir5'], m['ir10']) == pytest.approx((100 * 2 / 12, 100, 100))  # only t0 and t11 rank first
+
+
+def test_retrieval_counts_identical_caption_text_as_correct_in_both_directions():
+    texts = ['a red circle', 'a blue square', 'a red circle', 'a green cross']
+    image_texts = [[0, 1], [2, 3]]  # both images have a caption 'a red circle'
+    sims = torch.tensor([[0.1, 0.2, 0.9, 0.0],    # image 0 prefers text 2, image 1's copy of its own caption
+                         [0.8, 0.1, 0.3, 0.2]])   # image 1 prefers text 0, image 0's copy
+    by_index = retrieval_metrics(sims, image_texts)
+    by_text = retrieval_metrics(sims, image_texts, texts)
+    assert (by_index['tr1'], by_index['ir1']) == (0, 50)   # texts 0 and 2 rank the "wrong" image first
+    assert (by_text['tr1'], by_text['ir1']) == (100, 100)
+
+
+def test_retrieval_score_ties_count_against_the_model():
+    m = retrieval_metrics(torch.ones(2, 4), [[0, 1], [2, 3]])
+    assert (m['tr1'], m['tr5'], m['ir1']) == (0, 100, 0)
+
+
+def test_retrieval_matches_a_per_query_loop_on_random_scores_with_duplicate_texts():
+    g = torch.Generator().manual_seed(0)
+    n_img, per = 30, 5
+    texts = [f'caption {random.Random(t).randrange(40)}' for t in range(n_img * per)]  # many duplicates
+    image_texts = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
+    sims = torch.randn(n_img, n_img * per, generator=g)
+    correct = [[any(texts[t] == texts[c] for c in image_texts[i]) for t in range(len(texts))] for i in range(n_img)]
+
+    def loop_recall(rows, ok, k):  # rank by sorting each query's candidates, first correct one counts
+        hits = [next(r for r, c in enumerate(sorted(range(len(row)), key=lambda c: -row[c])) if ok[q][c]) < k
+                for q, row in enumerate(rows)]
+        return 100 * sum(hits) / len(hits)
+
+    m = retrieval_metrics(sims, image_texts, texts)
+    cols = list(zip(*correct))
+    for k in (1, 5, 10):
+        assert m[f'tr{k}'] == pytest.approx(loop_recall(sims.tolist(), correct, k))
+        assert m[f'ir{k}'] == pytest.approx(loop_recall(sims.T.tolist(), cols, k))
+
+
+def test_retrieval_runs_at_coco_test_size_and_random_scores_give_chance():
+    sims = torch.randn(1000, 5000, generator=torch.Generator().manual_seed(0))
+    m = retrieval_metrics(sims, [list(range(5 * i, 5 * i + 5)) for i in range(1000)])
+    assert m['tr10'] < 10 and m['ir10'] < 3  # chance: ~5% (50 of 5000 texts), 1%
+
+
+def test_retrieval_rejects_a_text_without_image():
+    with pytest.raises(ValueError, match='text 2'):
+        retrieval_metrics(torch.zeros(1, 3), [[0, 1]])
+
+# ----------------------------------------------------------------------------- captioning
+
+PRED = {1: 'A red circle above a blue square.',
+        2: "There's a small green triangle, on the left.",
+        3: 'Two dogs (brown) play in the snow!',
+        4: 'a man riding a wave on top of a surfboard',
+        5: 'The cat isn\'t on the "mat".'}
+REFS = {1: ['A red circle is above a blue square.', 'a blue square below a red circle', 'Red circle; blue square.'],
+        2: ['A small green triangle is on the left.', "There's a green triangle at the left side."],
+        3: ['Two brown dogs playing in the snow.', 'Dogs (two of them) run through snow...', "The dogs' game in the snow."],
+        4: ['A man on a surfboard riding a wave.', 'A surfer rides a big wave -- at 5:30, in 3.5 ft water!'],
+        5: ["The cat's not on the mat.", 'A cat sits next to a "welcome" mat, in the U.S.']}
+# what pycocoevalcap's Java PTBTokenizer makes of them (checked in test_java_ptb_tokenizer_gives_the_toy_tokens)
+PRED_TOK = {1: ['a red circle above a blue square'],
+            2: ["there 's a small green triangle on the left"],
+            3: ['two dogs -lrb- brown -rrb- play in the snow'],
+            4: ['a man riding a wave on top of a surfboard'],
+            5: ["the cat is n't on the mat"]}
+REFS_TOK = {1: ['a red circle is above a blue square', 'a blue square below a red circle', 'red circle blue square'],
+            2: ['a small green triangle is on the left', "there 's a green triangle at the left side"],
+            3: ['two brown dogs playing in the snow', 'dogs -lrb- two of them -rrb- run through snow',
+                'the dogs game in the snow'],
+            4: ['a man on a surfboard riding a wave', 'a surfer rides a big wave at 5:30 in 3.5 ft water'],
+            5: ["the cat 's not on the mat", 'a cat sits next to a welcome mat in the u.s.']}
+
+
+def reference_scores():
+    return {'bleu4': 100 * Bleu(4).compute_score(REFS_TOK, PRED_TOK, verbose=0)[0][3],
+            'rouge_l': 100 * Rouge().compute_score(REFS_TOK, PRED_TOK)[0],
+            'cider': 100 * Cider().compute_score(REFS_TOK, PRED_TOK)[0]}
+
+
+def test_python_ptb_approximation_gives_the_java_tokens_on_the_toy_set():
+    assert {k: [_ptb_like(v)] for k, v in PRED.items()} == PRED_TOK
+    assert {k: [_ptb_like(c) for c in v] for k, v in REFS.items()} == REFS_TOK
+
+
+@needs_java
+def test_java_ptb_tokenizer_gives_the_toy_tokens():
+    tokens = _tokenize({**{('res', k): [v] for k, v in PRED.items()}, **{('gts', k): v for k, v in REFS.items()}})
+    assert {k: tokens[('res', k)] for k in PRED} == PRED_TOK
+    assert {k: tokens[('gts', k)] for k in REFS} == REFS_TOK
+
+
+@needs_java
+def test_caption_metrics_equal_pycocoevalcap_scorers_with_java():
+    m = caption_metrics(PRED, REFS)
+    expected = reference_scores() | {'meteor': 100 * Meteor().compute_score(REFS_TOK, PRED_TOK)[0]}
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert 0 < m['bleu4'] < 100 and m['cider'] > 50  # the papers' scale, not fractions
+    assert ('spice' in m) == bool(_spice_ready())
+
+
+def test_caption_metrics_without_java_equal_scorers_and_omit_meteor(monkeypatch, tmp_path):
+    monkeypatch.setenv('PATH', str(tmp_path))  # an empty folder: no java, and any attempt to spawn it would fail
+    with pytest.warns(UserWarning, match='java'):
+        m = caption_metrics(PRED, REFS)
+    assert set(m) == {'bleu4', 'rouge_l', 'cider'}
+    assert m == pytest.approx(reference_scores(), abs=1e-6)
+
+
+def test_caption_metrics_reject_ids_missing_from_references():
+    with pytest.raises(ValueError, match='only one of'):
+        caption_metrics({1: 'a cat', 2: 'a dog'}, {1: ['a cat']})
+
+# ----------------------------------------------------------------------------- AUROC
+
+
+@pytest.mark.parametrize('scores, labels, expected', [
+    ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 100.0),   # every positive above every negative
+    ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),     # reversed
+    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 50.0),    # all tied: each pair counts one half
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 75.0),   # 0.35 beats 0.1 not 0.4, 0.8 beats both: 3 of 4 pairs
+    ([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1], 87.5),    # 0.5 beats 0.2, ties 0.5 (1/2); 0.9 beats both: 3.5 of 4
+])
+def test_auroc_on_hand_cases(scores, labels, expected):
+    assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected)
+
+
+def test_auroc_equals_pairwise_count_on_random_scores_with_ties():
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 200).astype(float), rng.integers(0, 2, 200)
+    pos, neg = s[y == 1][:, None], s[y == 0][None, :]
+    assert auroc(s, y) == pytest.approx(100 * ((pos > neg).mean() + 0.5 * (pos == neg).mean()))
+
+
+def test_auroc_is_nan_with_a_warning_when_one_class_is_missing():
+    with pytest.warns(UserWarning, match='undefined'):
+        assert math.isnan(auroc([0.1, 0.7], [1, 1]))
+
+
+def test_auroc_rejects_labels_other_than_0_and_1():
+    with pytest.raises(ValueError, match='0/1 label'):
+        auroc([0.1, 0.7], [-1, 1])
+
+# ----------------------------------------------------------------------------- token pictures
+
+ROWS = [('consistency', [('a', 0.1, False), ('red', 0.9, True), ('circle', 0.5, False)]),
+        ('saliency', [(f'token{i}', i / 40, i % 7 == 0) for i in range(40)])]  # long enough to wrap
+
+
+def test_render_tokens_writes_png_with_the_small_image_upscaled_by_nearest(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    path = render_tokens(image, ROWS, str(tmp_path / 'tokens.png'))
+    png = Image.open(path).convert('RGB')
+    assert png.size[0] == 3 * PAD + 192 + PANEL_W and png.size[1] >= 192 + 2 * PAD
+    assert png.getpixel((PAD, PAD)) == image.getpixel((0, 0))
+    assert png.getpixel((PAD + 5, PAD + 191)) == image.getpixel((1, 63))  # x3 nearest: pixel 1 covers 3..5
+
+
+def test_render_tokens_undoes_clip_normalisation_of_tensors(tmp_path):
+    rgb = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1).expand(3, 64, 64)
+    x = (rgb - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    png = Image.open(render_tokens(x, ROWS, str(tmp_path / 't.png'), title='a title')).convert('RGB')
+    assert png.getpixel((PAD + 100, png.size[1] // 2)) == (255, 0, 128)
+
+
+# ============================================================================= common: backbones
+
+@pytest.fixture(scope='module')
+def builtin_backbones(tmp_path_factory):
+    """The three shapes-tiny backbones, pretrained for a few steps only, in a temporary backbone folder."""
+    folder = tmp_path_factory.mktemp('backbones')
+    for name in common.BUILTIN_BACKBONES:
+        common.builtin_backbone(name, cache_dir=folder, steps=3)
+    return folder
+
+
+def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pretrained(builtin_backbones,
+                                                                                         monkeypatch):
+    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    vision = common.load_backbone('shapes-tiny-vision', 'vision')
+    text = common.load_backbone('shapes-tiny-text', 'mlm')
+    lm = common.load_backbone('shapes-tiny-lm', 'lm')
+    assert (type(vision).__name__, type(text).__name__, type(lm).__name__) == \
+        ('ViTModel', 'BertForMaskedLM', 'Qwen2ForCausalLM')
+    quality = {name: json.loads((builtin_backbones / name / 'quality.json').read_text())
+               for name in common.BUILTIN_BACKBONES}
+    assert set(quality['shapes-tiny-vision']) == {'val_attribute_acc', 'steps', 'seconds'}
+    assert 0 <= quality['shapes-tiny-text']['val_mlm_acc'] <= 100 and quality['shapes-tiny-lm']['val_perplexity'] > 1
+    tokenizer = common.load_tokenizer('shapes-tiny-text')
+    assert tokenizer('a red circle').input_ids == data.build_tokenizer()('a red circle').input_ids
+    assert not list(builtin_backbones.glob('*.tmp'))      # built in a temp folder, then renamed
+
+
+def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_states(builtin_backbones,
+                                                                                     monkeypatch):
+    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
+    images = torch.stack([world.transform(world.image('val', i)) for i in range(4)])
+    hf_vision = common.load_backbone('shapes-tiny-vision', 'vision').eval()
+    with torch.no_grad():
+        diff = (vit_from_hf(hf_vision).eval()(images) - hf_vision(images).last_hidden_state).abs().max()
+    assert diff < 1e-4
+    hf_text = common.load_backbone('shapes-tiny-text', 'text').eval()
+    emb, layers, _, _ = bert_from_hf(hf_text)
+    enc = tokenizer(world.captions('val', 0)[:3], padding=True, return_tensors='pt')
+    with torch.no_grad():
+        x = emb.eval()(enc.input_ids)
+        for layer in layers.eval():
+            x = layer(x, padding_mask(enc.attention_mask))
+        reference = hf_text(**enc).last_hidden_state
+    valid = enc.attention_mask.bool()
+    assert (x - reference)[valid].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize('name, kind, message', [
+    ('no-such-org/no-such-model', 'vision', "unknown backbone 'no-such-org/no-such-model'"),
+    ('shapes-tiny-audio', 'vision', "unknown built-in backbone 'shapes-tiny-audio'"),
+    ('shapes-tiny-lm', 'vision', "is a qwen2 model, which is not a vision backbone"),
+])
+def test_backbone_mistakes_get_one_clear_message(builtin_backbones, monkeypatch, name, kind, message):
+    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    with pytest.raises(UserError, match=message):
+        common.load_backbone(name, kind)
