@@ -1102,3 +1102,9 @@ def render_tokens(image, rows, path, title=None, mark_label='marked'):
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     canvas.save(path)
     return path
+
+
+if __name__ == '__main__':
+    # python common.py: build (or find) the three built-in backbones and print their unimodal quality.
+    for backbone in BUILTIN_BACKBONES:
+        print(backbone, (Path(builtin_backbone(backbone)) / 'quality.json').read_text())
