@@ -3,9 +3,13 @@ test_all.py — every nanoalign test: CPU only, offline, tiny configs, minutes o
 
     python -m pytest -q test_all.py
 """
+import os
+
+os.environ['NANOALIGN_OFFLINE'] = '1'  # never reach for the network in a test (set before
+os.environ['HF_HUB_OFFLINE'] = '1'     # huggingface_hub is imported: it reads this once)
+
 import json
 import math
-import os
 import random
 import shutil
 import subprocess
@@ -27,15 +31,13 @@ from transformers import (BertConfig, BertForMaskedLM, BertLMHeadModel, BertMode
                           DeiTConfig, DeiTModel, ViTConfig, ViTModel)
 
 REPO = Path(__file__).resolve().parent
-os.environ['NANOALIGN_OFFLINE'] = '1'   # never reach for the network in a test
-os.environ['HF_HUB_OFFLINE'] = '1'
 
-import common  # noqa: E402
-import data  # noqa: E402
-from common import (CLIP_MEAN, CLIP_STD, PAD, PANEL_W, Attention, BertLayer, RunConfig, VisionTransformer,  # noqa: E402
+import common
+import data
+from common import (CLIP_MEAN, CLIP_STD, PAD, PANEL_W, Attention, BertLayer, RunConfig, VisionTransformer,
                     _ptb_like, _spice_ready, _tokenize, auroc, bert_from_hf, caption_metrics, causal_mask,
                     interpolate_pos_embed, padding_mask, parse_config, render_tokens, retrieval_metrics, vit_from_hf)
-from data import UserError  # noqa: E402
+from data import UserError
 
 # ============================================================================= common: config, CLI, training core
 
