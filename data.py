@@ -625,8 +625,10 @@ def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_worke
         sampler.set_epoch(epoch)
         indices = list(sampler)
         batches = [indices[s * batch_size:(s + 1) * batch_size] for s in range(skip, steps_per_epoch)]
+        # own generator: creating the loader must not draw from the global RNG, or a resumed run's masks and
+        # samples would be shifted by one draw against the uninterrupted run's
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
-                            pin_memory=torch.cuda.is_available())
+                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed + epoch))
         for batch in loader:
             n_bad += batch['n_bad']
             if n_bad > max_bad_images:
