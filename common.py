@@ -190,14 +190,29 @@ def seed_rank(cfg, run):
     random.seed(cfg.seed + 1 + run.rank)
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradient over ranks and returns this rank's shard."""
+
+    @staticmethod
+    def forward(ctx, x):  # (B, ...) -> (world*B, ...); every rank has the same B (drop_last=True)
+        shards = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, x.contiguous())
+        return torch.cat(shards)
+
+    @staticmethod
+    def backward(ctx, grad):  # every rank's loss depends on every shard: sum, then keep ours
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
+
+
 def all_gather(x):
     """Concatenate x (B, ...) from every rank along dim 0 -> (world*B, ...), keeping gradients:
     the backward sums each rank's gradient into the owner's shard, so with DDP averaging the
     parameters get exactly the gradient of the loss over the global batch."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_nn
-    return torch.cat(dist_nn.all_gather(x), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def wrap_ddp(module, run):
@@ -802,42 +817,61 @@ def _cell_targets(scenes):
     return t
 
 
+def _presence_targets(scenes):
+    """(B, 23) multi-hot: which colours, shapes, sizes and cells occur in the scene."""
+    t = torch.zeros(len(scenes), len(COLORS) + len(SHAPES) + len(SIZES) + 9)
+    for b, scene in enumerate(scenes):
+        for obj in scene:
+            t[b, [COLORS.index(obj['color']), len(COLORS) + SHAPES.index(obj['shape']),
+                  len(COLORS) + len(SHAPES) + SIZES.index(obj['size']),
+                  len(COLORS) + len(SHAPES) + len(SIZES) + obj['row'] * 3 + obj['col']]] = 1
+    return t
+
+
 def _pretrain_vision(steps, desc, batch_size=64):
-    """ViT trained to name the colour, shape and size in each of the 3x3 cells (class 0 = empty) from the
-    mean of the patch tokens that lie in the cell, so the patch tokens themselves learn what is where."""
+    """ViT trained on two tasks: name the colour, shape and size in each 3x3 cell (class 0 = empty) from the
+    mean of the patch tokens inside the cell, so patch tokens learn what is where; and say which colours,
+    shapes, sizes and cells occur from the [CLS] token, so [CLS] summarises the scene the way a
+    classification-pretrained ViT's [CLS] does."""
     from transformers import ViTConfig, ViTModel
     world = ShapesWorld(seed=0)
     model = ViTModel(ViTConfig(image_size=world.image_size, patch_size=8, hidden_size=128, num_hidden_layers=4,
                                num_attention_heads=4, intermediate_size=512, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0), add_pooling_layer=False)
+                               attention_probs_dropout_prob=0.0))  # with HF's (unused) pooler, as checkpoints have
     n_classes = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
-    head = nn.Linear(128, sum(n_classes))
+    cell_head, presence_head = nn.Linear(128, sum(n_classes)), nn.Linear(128, _presence_targets([]).shape[1])
     grid = world.image_size // 8
     cell_of_patch = (torch.arange(grid) * 3 // grid)                          # (grid,) patch row/col -> cell row/col
     cell_index = (cell_of_patch[:, None] * 3 + cell_of_patch[None, :]).flatten()  # (N,) patch -> cell 0..8
     pool = F.one_hot(cell_index, 9).T.float()
     pool = pool / pool.sum(1, keepdim=True)                                   # (9, N) mean over a cell's patches
 
-    def cell_logits(images):  # -> tuple of (B, 9, classes) for colour, shape, size
-        patches = model(images).last_hidden_state[:, 1:]                      # (B, N, D)
-        return head(pool @ patches).split(n_classes, dim=-1)
+    def predict(images):  # -> (colour, shape, size) logits (B, 9, classes) each, presence logits (B, 23)
+        tokens = model(images).last_hidden_state                              # (B, 1+N, D)
+        return cell_head(pool @ tokens[:, 1:]).split(n_classes, dim=-1), presence_head(tokens[:, 0])
 
     def batch_fn(step):
         images, scenes = _shapes_images(world, 'train', range(step * batch_size, (step + 1) * batch_size))
+        cells, presence = predict(images)
         targets = _cell_targets(scenes)
-        return sum(F.cross_entropy(lg.flatten(0, 1), targets[..., a].flatten()) for a, lg in enumerate(cell_logits(images)))
+        return (sum(F.cross_entropy(lg.flatten(0, 1), targets[..., a].flatten()) for a, lg in enumerate(cells))
+                + F.binary_cross_entropy_with_logits(presence, _presence_targets(scenes)))
 
-    _train_loop(model, list(model.parameters()) + list(head.parameters()), steps, desc, batch_fn)
-    correct = total = 0
-    with torch.no_grad():  # attribute accuracy on the occupied cells of 512 val images
+    _train_loop(model, [*model.parameters(), *cell_head.parameters(), *presence_head.parameters()], steps, desc,
+                batch_fn)
+    correct = total = presence_correct = presence_total = 0
+    with torch.no_grad():  # on 512 val images: attribute accuracy on occupied cells, presence accuracy
         for start in range(0, 512, 128):
             images, scenes = _shapes_images(world, 'val', range(start, start + 128))
-            targets = _cell_targets(scenes)
+            cells, presence = predict(images)
+            targets, present = _cell_targets(scenes), _presence_targets(scenes)
             occupied = targets[..., 0] > 0
-            for a, lg in enumerate(cell_logits(images)):
-                correct += (lg.argmax(-1) == targets[..., a])[occupied].sum().item()
-                total += occupied.sum().item()
-    return model, None, dict(val_attribute_acc=round(100 * correct / total, 2))
+            correct += sum((lg.argmax(-1) == targets[..., a])[occupied].sum().item() for a, lg in enumerate(cells))
+            total += 3 * occupied.sum().item()
+            presence_correct += ((presence > 0) == present.bool()).sum().item()
+            presence_total += present.numel()
+    return model, None, dict(val_attribute_acc=round(100 * correct / total, 2),
+                             val_presence_acc=round(100 * presence_correct / presence_total, 2))
 
 
 def _caption_batch(world, tokenizer, split, indices):

@@ -1018,7 +1018,7 @@ def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pr
         ('ViTModel', 'BertForMaskedLM', 'Qwen2ForCausalLM')
     quality = {name: json.loads((builtin_backbones / name / 'quality.json').read_text())
                for name in common.BUILTIN_BACKBONES}
-    assert set(quality['shapes-tiny-vision']) == {'val_attribute_acc', 'steps', 'seconds'}
+    assert set(quality['shapes-tiny-vision']) == {'val_attribute_acc', 'val_presence_acc', 'steps', 'seconds'}
     assert 0 <= quality['shapes-tiny-text']['val_mlm_acc'] <= 100 and quality['shapes-tiny-lm']['val_perplexity'] > 1
     tokenizer = common.load_tokenizer('shapes-tiny-text')
     assert tokenizer('a red circle').input_ids == data.build_tokenizer()('a red circle').input_ids
