@@ -201,7 +201,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # every rank's loss depends on every shard: sum, then keep ours
-        grad = grad.contiguous()
+        grad = grad.contiguous().clone()  # all_reduce works in place; the incoming gradient is not ours to change
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
@@ -216,11 +216,23 @@ def all_gather(x):
 
 
 def wrap_ddp(module, run):
-    """DDP-wrap a trainable module (frozen / momentum modules stay unwrapped)."""
+    """DDP-wrap a trainable module. Parameters without requires_grad (frozen towers, momentum teachers) are not
+    synchronised; buffers are not broadcast each step (no BatchNorm here, and feature queues are kept identical on
+    every rank by enqueueing gathered features, so re-sending them would only cost bandwidth)."""
     if not run.distributed:
         return module
+    import inspect
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == 'cuda' else None)
+    options = inspect.signature(DistributedDataParallel).parameters
+    no_buffer_sync = 'forward_sync_buffers' if 'forward_sync_buffers' in options else 'broadcast_buffers'  # torch 2.15
+    return DistributedDataParallel(module, device_ids=[run.device.index] if run.device.type == 'cuda' else None,
+                                   **{no_buffer_sync: False})
+
+
+def teardown(run):
+    """End the process group at the end of a torchrun run (an open one makes torch warn or abort at exit)."""
+    if run.distributed and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def unwrap(module):
@@ -401,6 +413,27 @@ def peak_flops(device):
         return None
     name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+class count_flops:
+    """`with count_flops(on) as counted: <forward + backward>` leaves in counted.flops the FLOPs that torch's
+    FlopCounterMode saw in the block (None when off). Methods count their first CUDA step this way to get the
+    model FLOPs per sample for MFU, instead of a hand-written formula per architecture."""
+
+    def __init__(self, on):
+        self.on, self.flops, self.mode = on, None, None
+
+    def __enter__(self):
+        if self.on:
+            from torch.utils.flop_counter import FlopCounterMode
+            self.mode = FlopCounterMode(display=False)
+            self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+            self.flops = self.mode.get_total_flops()
 
 
 def count_params(module, trainable_only=False):
@@ -734,9 +767,7 @@ def load_backbone(name, kind, dtype=None):
     try:
         config = tf.AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"unknown backbone '{name}': not a local folder with a config.json, and not a model "
-                        f"that could be fetched from the Hugging Face Hub ({type(e).__name__}). Give a Hub id "
-                        f"(e.g. bert-base-uncased), a local path, or one of {', '.join(BUILTIN_BACKBONES)}") from None
+        raise _unknown_backbone(name, 'config.json', e) from None
     accepted = BACKBONE_KINDS[kind]
     if accepted is not None and config.model_type not in accepted:
         raise UserError(f"backbone '{name}' is a {config.model_type} model, which is not a {kind} backbone "
@@ -755,8 +786,16 @@ def load_tokenizer(name):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"no tokenizer for '{name}' ({type(e).__name__}); give a Hub id or a folder "
-                        f"with tokenizer files") from None
+        raise _unknown_backbone(name, 'tokenizer files', e) from None
+
+
+def _unknown_backbone(name, needed, error):
+    if Path(name).is_dir():
+        return UserError(f"backbone folder '{name}' has no {needed} that transformers can read "
+                         f"({type(error).__name__}); save the model and its tokenizer there with save_pretrained")
+    return UserError(f"unknown backbone '{name}': not a local folder, and not a model that could be fetched from the "
+                     f"Hugging Face Hub ({type(error).__name__}). Give a Hub id (e.g. bert-base-uncased), a local "
+                     f"path, or one of {', '.join(BUILTIN_BACKBONES)}")
 
 
 def builtin_backbone(name, cache_dir=None, steps=None):
@@ -942,9 +981,10 @@ BUILTIN_BACKBONES = {  # name -> (pretraining function, default steps: about a m
 # Every metric is returned on the papers' scale (percent, CIDEr x100), so metrics.json reads like their tables.
 
 
-def retrieval_metrics(sims, image_texts, texts=None):
+def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     """Recall@{1,5,10} image->text (tr) and text->image (ir) in percent, and their mean (rmean).
-    sims: (N_images, N_texts) scores; image_texts[i]: indices of image i's captions; texts: the caption
+    sims: (N_images, N_texts) scores; sims_t2i: (N_texts, N_images) text->image scores when they are not sims.T
+    (re-ranking scores each direction's top-k on its own); image_texts[i]: indices of image i's captions; texts: the caption
     strings. With texts, captions of identical text are interchangeable: a text is correct for every image
     that has a caption with that exact text (ShapesWorld images can share a description, and no model can
     break such ties)."""
@@ -977,7 +1017,8 @@ def retrieval_metrics(sims, image_texts, texts=None):
         rank = ((scores >= best) & ~ok).sum(1)  # (Q,)
         return [100.0 * (rank < k).float().mean().item() for k in (1, 5, 10)]
 
-    out = dict(zip(('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10'), recalls(sims, correct) + recalls(sims.T, correct.T)))
+    sims_t2i = sims.T if sims_t2i is None else torch.as_tensor(sims_t2i).float().to(sims.device)
+    out = dict(zip(('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10'), recalls(sims, correct) + recalls(sims_t2i, correct.T)))
     out['rmean'] = sum(out.values()) / 6
     return out
 

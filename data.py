@@ -126,11 +126,23 @@ def caption_is_true(caption, scene):
     form = parse_caption(caption)
     if form is None:
         raise ValueError(f"not a ShapesWorld caption: '{caption}'")
+    return _holds(form, scene)
+
+
+def _holds(form, scene):  # a parsed caption on a scene
     if len(form['nps']) == 1:
         return any(_matches(o, form['nps'][0], form['cell']) for o in scene)
     related = RELATIONS[form['relation']]
     return any(a is not b and _matches(a, form['nps'][0]) and _matches(b, form['nps'][1]) and related(a, b)
                for a in scene for b in scene)
+
+
+def true_pairs(captions, scenes):
+    """(len(scenes), len(captions)) bool tensor: [i, j] = caption j is true of scene i. In a batch, a caption of
+    another image that is true of this one is no negative for it (ShapesWorld's small vocabulary makes that common);
+    each caption is parsed once."""
+    forms = [parse_caption(c) for c in captions]
+    return torch.tensor([[f is not None and _holds(f, scene) for f in forms] for scene in scenes])
 
 
 def swap(caption, scene, attribute, rng):
@@ -264,6 +276,20 @@ class ShapesWorld:
                         captions[j], noise[j] = swapped
                         break
         return captions, noise
+
+    def swap_pairs(self, split, n_images, seed=0):
+        """The compositional test set (swap_acc): per image and attribute, the first of its captions that `swap`
+        can make false, and that swap -> [(image index, true caption, swapped caption, attribute, word index)]."""
+        pairs = []
+        for i in range(n_images):
+            rng, scene = np.random.default_rng([seed, i]), self.scene(split, i)
+            for attribute in ATTRIBUTE_WORDS:
+                for caption in self.captions(split, i):
+                    swapped = swap(caption, scene, attribute, rng)
+                    if swapped:
+                        pairs.append((i, caption, swapped[0], attribute, swapped[1]))
+                        break
+        return pairs
 
     # the grammar's helpers, reachable from a world too
     caption_is_true = staticmethod(caption_is_true)
@@ -583,9 +609,9 @@ def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=
 
 def collate(batch, tokenizer, max_len):
     """Items -> dict(image (B, 3, H, W) [or (B, 4, h, w) latents], input_ids (B, L), attention_mask (B, L),
-    image_id (B,), n_bad); ShapesWorld adds index (B,), visual_mask (B, L) and noise_mask (B, L) (1 on the
-    tokens of the noised word); eval items add captions (B lists). Unreadable items (None) are dropped and
-    counted in n_bad; a batch with none readable is just dict(n_bad=B)."""
+    image_id (B,), caption (B strings), n_bad); ShapesWorld adds index (B,), visual_mask (B, L) and noise_mask
+    (B, L) (1 on the tokens of the noised word); eval items add captions (B lists). Unreadable items (None) are
+    dropped and counted in n_bad; a batch with none readable is just dict(n_bad=B)."""
     items = [item for item in batch if item is not None]
     if not items:
         return dict(n_bad=len(batch))
@@ -593,7 +619,7 @@ def collate(batch, tokenizer, max_len):
                     max_length=max_len, return_tensors='pt')
     out = dict(image=torch.stack([item['image'] for item in items]), input_ids=enc.input_ids,
                attention_mask=enc.attention_mask, image_id=torch.tensor([item['image_id'] for item in items]),
-               n_bad=len(batch) - len(items))
+               caption=[item['caption'] for item in items], n_bad=len(batch) - len(items))
     if 'captions' in items[0]:
         out['captions'] = [item['captions'] for item in items]
     if 'noise_word' in items[0]:

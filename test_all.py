@@ -11,10 +11,11 @@ os.environ['HF_HUB_OFFLINE'] = '1'     # huggingface_hub is imported: it reads t
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -301,6 +302,19 @@ def test_every_swap_is_false_with_exactly_one_visual_word_changed():
                 assert new.split()[k] in data.ATTRIBUTE_WORDS[attribute] and new.split()[k] in data.VISUAL_WORDS
                 assert not data.caption_is_true(new, scene)
     assert min(found.values()) > 100, found
+
+
+def test_swap_pairs_give_each_image_a_false_one_word_swap_per_attribute():
+    world = data.ShapesWorld()
+    pairs = world.swap_pairs('test', 40, seed=0)
+    assert pairs == world.swap_pairs('test', 40, seed=0)                          # deterministic
+    for i, true, swapped, attribute, k in pairs:
+        scene = world.scene('test', i)
+        assert true in world.captions('test', i) and data.caption_is_true(true, scene)
+        assert not data.caption_is_true(swapped, scene) and word_diff(true, swapped) == [k]
+        assert swapped.split()[k] in data.ATTRIBUTE_WORDS[attribute]
+    covered = {(i, a) for i, _, _, a, _ in pairs}
+    assert all((i, 'shape') in covered for i in range(40))  # every caption names a shape: always possible
 
 
 def test_caption_noise_rate_is_p_and_the_changed_word_is_recorded():
@@ -1055,3 +1069,270 @@ def test_backbone_mistakes_get_one_clear_message(builtin_backbones, monkeypatch,
     monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
     with pytest.raises(UserError, match=message):
         common.load_backbone(name, kind)
+
+
+def test_a_backbone_folder_without_model_or_tokenizer_files_is_named(tmp_path):
+    with pytest.raises(UserError, match=f"backbone folder '{tmp_path}' has no config.json"):
+        common.load_backbone(str(tmp_path), 'vision')
+    with pytest.raises(UserError, match=f"backbone folder '{tmp_path}' has no tokenizer files"):
+        common.load_tokenizer(str(tmp_path))
+
+
+# ============================================================================= methods: shared helpers
+
+@pytest.fixture
+def tiny_backbones(builtin_backbones, monkeypatch, tmp_path_factory):
+    """Method runs load their shapes-tiny backbones from the few-step fixture folder, and score captions without
+    Java (METEOR's JVM takes seconds per call; the metrics themselves are tested with and without Java above)."""
+    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setenv('PATH', str(tmp_path_factory.mktemp('no_java')))
+    return builtin_backbones
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
+
+
+def interrupted_then_resumed(main, argv, out, stop_at, monkeypatch):
+    """Run main(argv) until the checkpoint of step `stop_at` is written, die there, then run it again with
+    --resume true: the resumed run must end where an uninterrupted one does."""
+    class Died(Exception):
+        pass
+
+    save = common.save_checkpoint
+
+    def save_then_die(path, method, model, optimizer, step, cfg, **extra):
+        save(path, method, model, optimizer, step, cfg, **extra)
+        if step == stop_at:
+            raise Died
+
+    monkeypatch.setattr(common, 'save_checkpoint', save_then_die)
+    with pytest.raises(Died):
+        main(argv + ['--out_dir', str(out)])
+    monkeypatch.setattr(common, 'save_checkpoint', save)
+    main(argv + ['--out_dir', str(out), '--resume', 'true'])
+    return torch.load(Path(out) / 'ckpt.pt', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f'{k}: {m}')
+
+# ============================================================================= align_two_phase.py
+
+import align_two_phase as a2p
+
+A2P_TINY = ['--max_steps', '6', '--phase2_steps', '4', '--batch_size', '8', '--train_images', '40',
+            '--eval_images', '12', '--d_align', '32', '--mrl_dims', '8,16,32', '--mrl_dim_weights', '1,1,1',
+            '--max_new_tokens', '5', '--log_every', '1', '--warmup_steps', '2']
+
+
+def test_clip_loss_on_a_hand_computed_case():
+    image, text = torch.eye(2), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    # logits = scale * image @ text.T = 2 * [[0.6, 0.0], [0.8, 1.0]]
+    rows = -math.log(math.exp(1.2) / (math.exp(1.2) + 1)) - math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))
+    cols = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6))) - math.log(math.exp(2.0) / (1 + math.exp(2.0)))
+    assert a2p.clip_loss(image, text, torch.tensor(2.0)).item() == pytest.approx((rows / 2 + cols / 2) / 2, abs=1e-6)
+
+
+def test_mrl_loss_with_one_dim_equals_the_clip_loss_of_the_normalised_embeddings():
+    image, text, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(10.0)
+    expected = a2p.clip_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale)
+    torch.testing.assert_close(a2p.mrl_loss(image, text, scale, (16,), (1.0,)), expected)
+    nested = a2p.mrl_loss(image, text, scale, (4, 16), (0.5, 2.0))
+    first4 = a2p.clip_loss(F.normalize(image[:, :4], dim=-1), F.normalize(text[:, :4], dim=-1), scale)
+    torch.testing.assert_close(nested, 0.5 * first4 + 2.0 * expected)
+
+
+def test_truncated_embeddings_are_renormalised_prefixes():
+    x = torch.randn(5, 32) * 3
+    t = a2p.truncate(x, 8)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(t * x[:, :8].norm(dim=-1, keepdim=True), x[:, :8])
+
+
+def test_logit_scale_is_clamped_at_max_scale_and_fixed_without_learn_temp():
+    cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--d_align', '8', '--mrl_dims', '8', '--mrl_dim_weights', '1'])
+    aligner = a2p.Aligner(4, 4, cfg)
+    assert aligner.log_scale.exp().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        aligner.log_scale.fill_(math.log(1000.0))
+    aligner.clamp_scale(100.0)
+    assert aligner.log_scale.exp().item() == pytest.approx(100.0)
+    fixed = a2p.Aligner(4, 4, replace(cfg, learn_temp=False))
+    assert 'log_scale' not in dict(fixed.named_parameters()) and 'log_scale' in fixed.state_dict()
+
+
+@pytest.fixture
+def two_phase(tiny_backbones):
+    cfg = common.parse_config(a2p.Config, a2p.PRESETS, A2P_TINY[6:])
+    model = a2p.TwoPhase(cfg, common.load_backbone('shapes-tiny-vision', 'vision'),
+                         common.load_backbone('shapes-tiny-text', 'text'),
+                         common.load_backbone('shapes-tiny-lm', 'lm'), data.build_tokenizer())
+    return cfg, model
+
+
+def shapes_batch(n, split='train', start=0):
+    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
+    items = [data.ShapesCaptions(world, split)[k] for k in range(start, start + n)]
+    return dict(data.collate(items, tokenizer, 32))
+
+
+def test_phase1_gradients_reach_only_the_adapters_and_phase2_only_the_projector(two_phase):
+    cfg, model = two_phase
+    batch = shapes_batch(4)
+    a2p.phase1_loss(model, model.aligner, batch, replace(cfg, cache_features=False))['loss'].backward()
+    with_grad = {n.split('.')[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {'aligner'}
+    model.zero_grad(set_to_none=True)
+    model.aligner.requires_grad_(False)
+    a2p.phase2_loss(model, model.captioner, batch, replace(cfg, cache_features=False))['loss'].backward()
+    with_grad = {'.'.join(n.split('.')[:2]) for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {'captioner.projector'}
+
+
+def test_phase2_labels_are_on_caption_and_eos_only():
+    tokenizer = data.build_tokenizer()
+    ids, mask, labels = a2p.lm_batch(tokenizer, 'describe this image :', ['a red circle', 'a large blue square'],
+                                     eos_id=3, pad_id=0, n_prefix=4, max_len=32)
+    prompt = tokenizer('describe this image :', add_special_tokens=False).input_ids          # 4 tokens
+    assert ids.shape == (2, 4 + 4 + 1) and mask.shape == labels.shape == (2, 4 + 9)
+    assert (labels[:, :4 + 4] == -100).all()                                                  # prefix + prompt
+    assert labels[0, 8:].tolist() == tokenizer('a red circle', add_special_tokens=False).input_ids + [3, -100]
+    assert labels[1, 8:].tolist() == tokenizer('a large blue square', add_special_tokens=False).input_ids + [3]
+    assert ids[0].tolist() == prompt + labels[0, 8:11].tolist() + [3, 0]                      # right padding
+    assert mask[0].tolist() == [1] * 12 + [0] and mask[1].tolist() == [1] * 13
+
+
+def greedy_by_hand(captioner, z, prompt, steps):
+    """One image at a time, no padding, argmax of the LLM's last logits fed back: the reference for generate."""
+    ids = captioner.tokenizer(prompt, add_special_tokens=False, return_tensors='pt').input_ids
+    x = torch.cat([captioner.projector(z[None]), captioner.lm.get_input_embeddings()(ids)], 1)
+    new = []
+    for _ in range(steps):
+        token = captioner.lm(inputs_embeds=x).logits[0, -1].argmax().item()
+        if token == captioner.eos_id:
+            break
+        new.append(token)
+        x = torch.cat([x, captioner.lm.get_input_embeddings()(torch.tensor([[token]]))], 1)
+    return ' '.join(captioner.tokenizer.decode(new, skip_special_tokens=True).split())
+
+
+def test_generate_returns_only_new_text_and_batched_left_padding_equals_one_by_one(two_phase):
+    cfg, model = two_phase
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.captioner.projector.linear.weight.normal_(0, 2.0)  # a prefix that changes what the LLM says
+    z = F.normalize(torch.randn(3, cfg.d_align), dim=-1)
+    prompts = ['describe this image :', 'a picture of', 'question : what color is the circle ? answer :']
+    batched = model.captioner.generate(z, prompts)
+    with torch.no_grad():
+        alone = [greedy_by_hand(model.captioner, z[b], prompts[b], cfg.max_new_tokens) for b in range(3)]
+    assert batched == alone
+    assert len(set(batched)) > 1
+
+
+def test_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)])
+    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'align_two_phase.png'):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    recall = ('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10', 'rmean')
+    assert {f'd{m}_{k}' for m in (8, 16, 32) for k in recall} | set(recall) <= set(metrics)
+    assert {'swap_acc', 'swap_acc_color', 'swap_acc_shape', 'swap_acc_size', 'swap_acc_position', 'bleu4', 'rouge_l',
+            'cider', 'blind_cider', 'train_samples_per_s', 'peak_mem_mb', 'train_seconds', 'cache_seconds',
+            'phase1_train_seconds', 'phase2_train_seconds'} <= set(metrics)
+    assert [r['step'] for r in read_log(tmp_path)] == list(range(1, 11))
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert state['method'] == 'align_two_phase' and state['phase'] == 2 and state['step'] == 10
+    assert not any(k.startswith(('vision', 'text', 'lm')) for k in state['model'])  # frozen towers are not saved
+    assert state['model']['aligner.image_center'].abs().sum() > 0   # adapters see centred features
+
+
+def test_phase1_loss_falls(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--phase', '1', '--max_steps', '60', '--batch_size', '32',
+                         '--lr', '3e-3'])
+    losses = [r['loss'] for r in read_log(tmp_path)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+
+
+def test_phase2_alone_starts_from_a_phase1_checkpoint_and_keeps_its_adapters(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p1'), '--phase', '1'])
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p2'), '--phase', '2', '--init_from', str(tmp_path / 'p1' / 'ckpt.pt')])
+    p1, p2 = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('p1', 'p2'))
+    assert (p1['phase'], p2['phase'], p2['step']) == (1, 2, 4)
+    assert_same_weights({k: v for k, v in p1['model'].items() if k.startswith('aligner')},
+                        {k: v for k, v in p2['model'].items() if k.startswith('aligner')}, atol=0)
+    assert not torch.equal(p1['model']['projector.linear.weight'], p2['model']['projector.linear.weight'])
+    assert 'cider' in json.loads((tmp_path / 'p2' / 'metrics.json').read_text())
+
+
+def test_cached_features_train_the_same_adapters_as_on_the_fly_encoding(tiny_backbones, tmp_path):
+    argv = A2P_TINY + ['--phase', '1', '--adapter_dropout', '0.1']
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'cached'), '--cache_features', 'true'])
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'live'), '--cache_features', 'false'])
+    cached, live = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('cached', 'live'))
+    assert_same_weights(cached, live, atol=1e-5)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+    argv = A2P_TINY + ['--eval_every', '3']  # checkpoints at steps 3, 6 (end of phase 1), 9 and 10
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    for stop_at in (3, 9):  # in phase 1, and in phase 2
+        resumed = interrupted_then_resumed(a2p.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
+        assert_same_weights(straight['model'], resumed['model'])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--phase', '2'], '--phase 2 starts from a phase-1 model: pass --init_from'),
+    (['--mrl_dims', '16,8'], '--mrl_dims 16,8 must rise strictly'),
+    (['--mrl_dim_weights', '1,1'], '--mrl_dim_weights has 2 values for 3 --mrl_dims'),
+    (['--projector', 'lstm'], "--projector 'lstm' is not one of mlp, transformer"),
+    (['--lm_backbone', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
+])
+def test_align_two_phase_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
+    with pytest.raises(UserError, match=message):
+        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)] + argv)
+
+
+def test_align_two_phase_refuses_a_checkpoint_of_another_method(tiny_backbones, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
+                           RunConfig())
+    with pytest.raises(UserError, match='written by cal, not align_two_phase'):
+        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
+
+
+A2P_DDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {repo!r})
+import common, align_two_phase as a2p
+cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--out_dir', {out!r}, '--device', 'cpu', '--d_align', '16',
+                          '--mrl_dims', '4,16', '--mrl_dim_weights', '1,1', '--adapter_dropout', '0'])
+run = common.setup(cfg)
+aligner = a2p.Aligner(12, 10, cfg)                 # the same init on every rank (same seed)
+g = torch.Generator().manual_seed(1)
+image, text = torch.randn(8, 12, generator=g), torch.randn(8, 10, generator=g)   # the global batch of cached features
+mine = slice(4 * run.rank, 4 * run.rank + 4) if run.distributed else slice(0, 8)
+ddp = common.wrap_ddp(aligner, run)                # kept alive until backward: its hooks average the gradients
+loss = a2p.phase1_loss(None, ddp, dict(image=image[mine], text=text[mine]), cfg)['loss']
+loss.backward()
+if run.is_main:
+    torch.save({{n: p.grad for n, p in aligner.named_parameters()}}, {out!r} + '/grads_%d.pt' % run.world_size)
+'''
+
+
+def test_two_ranks_of_batch_b_give_the_adapter_gradients_of_one_process_of_batch_2b(tmp_path):
+    script = tmp_path / 'ddp.py'
+    script.write_text(A2P_DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for launcher in (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'], []):
+        proc = subprocess.run([sys.executable, *launcher, str(script)], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = (torch.load(tmp_path / f'grads_{n}.pt') for n in (2, 1))
+    assert one['image_adapter.net.1.weight'].abs().sum() > 0
+    assert_same_weights(two, one)
