@@ -746,6 +746,7 @@ def bert_from_hf(hf_model, cross_layers=(), cross_dim=None):
         'decoder.weight': e + 'word_embeddings.weight', 'decoder.bias': 'cls.predictions.bias'})]
     return emb, layers, head, new
 
+
 # ----------------------------------------------------------------------------- backbones
 
 BACKBONE_DIR = Path(os.environ.get('NANOALIGN_BACKBONES', 'out/backbones'))

@@ -317,6 +317,15 @@ def test_swap_pairs_give_each_image_a_false_one_word_swap_per_attribute():
     assert all((i, 'shape') in covered for i in range(40))  # every caption names a shape: always possible
 
 
+def test_true_pairs_say_which_captions_of_a_batch_are_true_of_which_images():
+    world = data.ShapesWorld()
+    scenes = [world.scene('train', i) for i in range(12)]
+    captions = [world.captions('train', i)[0] for i in range(12)]
+    truth = data.true_pairs(captions, scenes)
+    assert truth.shape == (12, 12) and truth.diagonal().all()
+    assert truth.tolist() == [[data.caption_is_true(c, s) for c in captions] for s in scenes]
+
+
 def test_caption_noise_rate_is_p_and_the_changed_word_is_recorded():
     p, n = 0.2, 2000  # 10k captions
     clean, noisy = data.ShapesWorld(train_images=n), data.ShapesWorld(caption_noise=p, train_images=n)
@@ -1336,3 +1345,221 @@ def test_two_ranks_of_batch_b_give_the_adapter_gradients_of_one_process_of_batch
     two, one = (torch.load(tmp_path / f'grads_{n}.pt') for n in (2, 1))
     assert one['image_adapter.net.1.weight'].abs().sum() > 0
     assert_same_weights(two, one)
+
+# ============================================================================= albef_epic.py
+
+import albef_epic as ae
+
+AE_TINY = ['--max_steps', '4', '--batch_size', '8', '--queue_size', '32', '--eval_images', '8', '--k_test', '4',
+           '--log_every', '1', '--warmup_steps', '2', '--alpha_warmup_steps', '2', '--embed_dim', '16']
+
+
+@pytest.fixture
+def albef(tiny_backbones):
+    def build(*argv):
+        cfg = common.parse_config(ae.Config, ae.PRESETS, AE_TINY + list(argv))
+        torch.manual_seed(0)
+        return cfg, ae.AlbefEpic(cfg, common.load_backbone('shapes-tiny-vision', 'vision'),
+                                 common.load_backbone('shapes-tiny-text', 'mlm'), data.build_tokenizer())
+    return build
+
+
+def shapes_train_batch(n, start=0):
+    items = [data.ShapesCaptions(data.ShapesWorld(), 'train')[k] for k in range(start, start + n)]
+    return ae.pair_labels(data.collate(items, data.build_tokenizer(), 32), data.ShapesWorld())
+
+
+def test_ita_targets_mix_teacher_softmax_and_positives_spread_evenly():
+    sims_m = torch.tensor([[2.0, 0.0, 0.0, 1.0]])
+    positives = torch.tensor([[1.0, 0.0, 0.0, 1.0]])        # the own pair and a same-image entry in the queue
+    soft = torch.tensor([math.e ** 2, 1, 1, math.e]) / (math.e ** 2 + 2 + math.e)
+    torch.testing.assert_close(ae.ita_targets(sims_m, positives, 0.4), 0.4 * soft[None] + 0.6 * torch.tensor([[0.5, 0, 0, 0.5]]))
+    torch.testing.assert_close(ae.ita_targets(sims_m, positives, 0.0), torch.tensor([[0.5, 0.0, 0.0, 0.5]]))
+
+
+def test_positives_are_the_own_pair_plus_same_image_or_same_text_in_batch_and_queue():
+    image_id, key = torch.tensor([7, 8]), torch.tensor([100, 200])
+    bank_id = torch.tensor([7, 8, -1, 8, 9, 7])              # gathered batch (2), then a queue of 4
+    bank_key = torch.tensor([100, 200, -1, 300, 200, 400])
+    expected = torch.tensor([[1, 0, 0, 0, 0, 1], [0, 1, 0, 1, 1, 0]]).float()
+    torch.testing.assert_close(ae.positive_mask(image_id, key, bank_id, bank_key, True), expected)
+    torch.testing.assert_close(ae.positive_mask(image_id, key, bank_id, bank_key, False), torch.eye(2, 6))
+
+
+def test_queue_wraps_around_and_keeps_ids_and_text_keys_with_the_features(albef):
+    cfg, model = albef('--queue_size', '12', '--batch_size', '4')
+    for k in range(4):  # 4 batches of 4 into a queue of 12: the 4th overwrites the 1st
+        feat = torch.full((4, 16), float(k))
+        model.enqueue(feat, -feat, torch.arange(4) + 10 * k, torch.arange(4) + 100 * k)
+    assert int(model.queue_ptr) == 4
+    assert model.id_queue.tolist() == [30, 31, 32, 33, 10, 11, 12, 13, 20, 21, 22, 23]
+    assert model.key_queue[:4].tolist() == [300, 301, 302, 303]
+    assert (model.image_queue[:4] == 3).all() and (model.text_queue[4:8] == -1).all()
+
+
+def test_hard_negatives_never_pick_a_positive_and_work_at_batch_2():
+    torch.manual_seed(0)
+    sims = torch.randn(6, 6) * 5
+    same = torch.eye(6, dtype=torch.bool)
+    same[0, 3] = same[3, 0] = same[1, 2] = same[2, 1] = True  # same image (or identical text)
+    for _ in range(200):
+        picked = ae.sample_negatives(sims, same)
+        assert not same[torch.arange(6), picked].any()
+    assert ae.sample_negatives(torch.tensor([[9.0, -9.0], [-9.0, 9.0]]), torch.eye(2)).tolist() == [1, 0]
+    assert ae.sample_negatives(torch.zeros(2, 2), torch.ones(2, 2)).tolist() == [1, 0]  # no negative: the other row
+
+
+def test_mlm_masks_about_15_percent_and_never_a_special_token():
+    tokenizer = data.build_tokenizer()
+    special = torch.tensor(tokenizer.all_special_ids)
+    enc = tokenizer([c for i in range(200) for c in data.ShapesWorld().captions('val', i)], padding=True,
+                    return_tensors='pt')
+    maskable = enc.attention_mask.bool() & ~torch.isin(enc.input_ids, special)
+    torch.manual_seed(0)
+    masked, labels = ae.mask_tokens(enc.input_ids, maskable, tokenizer.mask_token_id, special, len(tokenizer), 0.15)
+    chosen = labels != -100
+    assert not (chosen & ~maskable).any() and (masked[~chosen] == enc.input_ids[~chosen]).all()
+    assert abs(chosen.sum() / maskable.sum() - 0.15) < 0.02
+    as_mask = (masked[chosen] == tokenizer.mask_token_id).float().mean()
+    kept = (masked[chosen] == enc.input_ids[chosen]).float().mean()
+    assert abs(as_mask - 0.8) < 0.04 and 0.05 < kept < 0.15       # 10% kept (+ random draws of the same word)
+    assert not torch.isin(masked[chosen & (masked != tokenizer.mask_token_id)], special).any()
+
+
+@pytest.mark.parametrize('n_words', [1, 2, 3, 6, 10])
+def test_epic_masks_ceil_035_n_of_the_words_and_never_a_special_token(n_words):
+    allowed = torch.zeros(2, 14, dtype=torch.bool)
+    allowed[:, 1:1 + n_words] = True                         # [CLS] w1..wn [SEP] [PAD]...
+    chosen = ae.top_fraction(torch.rand(2, 14), allowed, 0.35)
+    assert chosen.sum(1).tolist() == [math.ceil(0.35 * n_words)] * 2 and not (chosen & ~allowed).any()
+    scores = torch.arange(14.0).expand(2, 14)                # the highest-scoring words are the ones taken
+    assert ae.top_fraction(scores, allowed, 0.35)[0].nonzero().flatten().tolist() == \
+        list(range(n_words + 1 - math.ceil(0.35 * n_words), n_words + 1))
+
+
+def test_consistency_labels_mark_exactly_the_changed_tokens():
+    ids = torch.tensor([[2, 10, 11, 12, 13, 3]])
+    chosen = torch.tensor([[False, True, False, True, True, False]])
+    gen_logits = torch.full((1, 6, 20), -50.0)
+    gen_logits[0, 1, 15] = gen_logits[0, 3, 12] = gen_logits[0, 4, 0] = gen_logits[0, 4, 16] = 50.0
+    corrupted, consistent = ae.rewrite(ids, chosen, gen_logits, torch.arange(6))   # ids 0..5 are special
+    assert corrupted.tolist() == [[2, 15, 11, 12, 16, 3]]   # position 3 re-drew its own word; 4 never a special
+    assert consistent.tolist() == [[1, 0, 1, 1, 0, 1]]
+
+
+def test_momentum_update_is_an_exponential_moving_average(albef):
+    cfg, model = albef('--momentum', '0.9')
+    with torch.no_grad():
+        for p_t, p_s in zip(model.teacher.parameters(), model.student.parameters()):
+            p_t.fill_(1.0)
+            p_s.fill_(3.0)
+    model.momentum_update()
+    assert all(torch.allclose(p, torch.full_like(p, 0.9 * 1 + 0.1 * 3)) for p in model.teacher.parameters())
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+@pytest.mark.parametrize('mode', ['attention', 'necessity'])
+def test_saliency_varies_across_the_words_of_a_caption(albef, mode):
+    cfg, model = albef('--saliency', mode)
+    batch = shapes_train_batch(6)
+    with torch.no_grad():
+        image_m = model.teacher.encode_image(batch['image'])
+        saliency = model.saliency(batch['input_ids'], batch['attention_mask'], image_m)
+    words = model.candidates(batch['input_ids'], batch['attention_mask'])
+    assert saliency.shape == batch['input_ids'].shape and saliency.isfinite().all()
+    assert all(saliency[b][words[b]].std() > 1e-4 for b in range(6) if words[b].sum() > 1)
+
+
+def test_pruned_patches_keep_cls_and_the_most_attended_patches():
+    image = torch.arange(5.0)[None, :, None].expand(1, 5, 2)          # (1, 1+4, 2): token i holds value i
+    cross = torch.zeros(1, 2, 3, 5)                                    # (B, heads, L, 1+N)
+    cross[..., 3], cross[..., 1] = 0.6, 0.3
+    kept = ae.prune_patches(image, [(None, cross)], torch.ones(1, 3), 0.5)
+    assert kept[0, :, 0].tolist() == [0.0, 3.0, 1.0]
+
+
+def test_epic_losses_train_the_generator_and_the_consistency_head(albef):
+    cfg, model = albef('--prune_keep', '0.5')
+    losses = model(shapes_train_batch(8), alpha=0.4)
+    assert {'ita', 'itm', 'mlm', 'itc', 'gen', 'loss'} <= set(losses)
+    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 8 * losses['itc']
+                               + losses['gen'])
+    losses['loss'].backward()
+    for part in (model.generator, model.consistency_head, model.student.fusion_layers):
+        assert all(p.grad is not None for p in part.parameters())
+
+
+def test_epic_none_builds_and_trains_no_epic_parameters(albef, tiny_backbones, tmp_path):
+    cfg, model = albef('--epic', 'none')
+    assert not hasattr(model, 'generator') and not hasattr(model, 'consistency_head')
+    ae.main(AE_TINY + ['--epic', 'none', '--max_steps', '1', '--out_dir', str(tmp_path)])
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    assert not any(k.startswith(('generator', 'consistency_head')) for k in state)
+    assert 'itc_auroc' not in json.loads((tmp_path / 'metrics.json').read_text())
+
+
+def test_albef_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
+    ae.main(AE_TINY + ['--out_dir', str(tmp_path)])
+    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'albef_epic.png'):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert {'tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10', 'rmean', 'ita_rmean', 'swap_acc', 'swap_acc_color', 'swap_acc_shape',
+            'swap_acc_size', 'swap_acc_position', 'itc_auroc', 'saliency_auroc', 'train_samples_per_s',
+            'peak_mem_mb', 'train_seconds'} <= set(metrics)
+    rows = read_log(tmp_path)
+    assert [r['step'] for r in rows] == [1, 2, 3, 4] and {'ita', 'itm', 'mlm', 'itc', 'gen'} <= set(rows[0])
+
+
+def test_albef_loss_falls(tiny_backbones, tmp_path):
+    ae.main(AE_TINY + ['--out_dir', str(tmp_path), '--max_steps', '40', '--lr', '1e-3', '--eval_images', '4'])
+    losses = [r['loss'] for r in read_log(tmp_path)]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+
+
+def test_albef_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+    argv = AE_TINY + ['--eval_every', '2', '--eval_images', '4']
+    ae.main(argv + ['--out_dir', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    resumed = interrupted_then_resumed(ae.main, argv, tmp_path / 'resumed', 2, monkeypatch)
+    assert_same_weights(straight['model'], resumed['model'])   # student, teacher and the queues
+
+
+def test_albef_runs_on_a_coco_format_folder(tiny_backbones, tmp_path):
+    make_karpathy_folder(tmp_path / 'coco')
+    ae.main(['--data', 'coco', '--data_root', str(tmp_path / 'coco'), '--vision_backbone', 'shapes-tiny-vision',
+             '--text_backbone', 'shapes-tiny-text', '--image_size', '64', '--fusion_layers', '2', '--batch_size', '2',
+             '--queue_size', '8', '--max_steps', '2', '--k_test', '2', '--embed_dim', '16', '--warmup_steps', '1',
+             '--out_dir', str(tmp_path / 'out')])
+    metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert 'rmean' in metrics and 'swap_acc' not in metrics   # no compositional test on natural images
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--data', 'coco', '--data_root', '/no/such/folder'], "--data_root '/no/such/folder' is not a folder"),
+    (['--epic', 'yes'], "--epic 'yes' is not one of none, random, saliency"),
+    (['--queue_size', '30'], '--queue_size 30 must be a multiple of the global batch 8'),
+    (['--fusion_layers', '4'], '--fusion_layers 4: the text backbone has 4 layers'),
+    (['--text_backbone', 'shapes-tiny-lm'], 'is a qwen2 model, which is not a mlm backbone'),
+])
+def test_albef_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        ae.main(AE_TINY + ['--out_dir', str(tmp_path)] + argv)
+
+
+def test_albef_missing_karpathy_file_names_it(tiny_backbones, tmp_path):
+    make_karpathy_folder(tmp_path)
+    (tmp_path / 'coco_karpathy_test.json').unlink()
+    with pytest.raises(UserError, match='coco_karpathy_test.json is missing'):
+        ae.main(AE_TINY + ['--data', 'coco', '--data_root', str(tmp_path), '--out_dir', str(tmp_path / 'out')])
+
+
+def test_coco_preset_builds_the_paper_scale_model_on_the_meta_device():
+    cfg = common.parse_config(ae.Config, ae.PRESETS, ['--data', 'coco'])
+    with torch.device('meta'):  # shapes only: no weights, no download
+        model = ae.AlbefEpic(cfg, ViTModel(ViTConfig(image_size=224), add_pooling_layer=False),
+                             BertForMaskedLM(BertConfig()), data.build_tokenizer())
+    albef = common.count_params(model.student, trainable_only=True)
+    assert 205e6 < albef < 215e6, albef       # ALBEF: ~210M trainable (ViT-B/16 + BERT-base 6+6 with cross-attention)
+    assert model.student.visual_encoder.pos_embed.shape == (1, 1 + 16 * 16, 768)   # 256 px -> 16x16 patches
+    assert (len(model.student.text_layers), len(model.student.fusion_layers)) == (6, 6)
+    assert model.image_queue.shape == (65536, 256)
