@@ -253,10 +253,10 @@ def lr_at(step, cfg):
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(module, weight_decay, **group_options):
-    """Two AdamW groups of a module's trainable parameters: matrices decay, 1-D params (biases,
+def param_groups(module, weight_decay, exclude=(), **group_options):
+    """Two AdamW groups of a module's trainable parameters but `exclude`: matrices decay, 1-D params (biases,
     norms, temperature) do not. Extra options (e.g. lr_scale=10) are stored in both groups."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad and not any(p is q for q in exclude)]
     return [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay, **group_options),
             dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0, **group_options)]
 
@@ -972,8 +972,8 @@ def _pretrain_lm(steps, desc, batch_size=128):
     return model, tokenizer, dict(val_perplexity=round(math.exp(val_nll), 3))
 
 
-BUILTIN_BACKBONES = {  # name -> (pretraining function, default steps: about a minute each on 2 CPU cores)
-    'shapes-tiny-vision': (_pretrain_vision, 250),
+BUILTIN_BACKBONES = {  # name -> (pretraining function, default steps: one to three minutes each on 2 CPU cores)
+    'shapes-tiny-vision': (_pretrain_vision, 1000),
     'shapes-tiny-text': (_pretrain_text, 400),
     'shapes-tiny-lm': (_pretrain_lm, 400),
 }

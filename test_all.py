@@ -1498,6 +1498,20 @@ def test_epic_none_builds_and_trains_no_epic_parameters(albef, tiny_backbones, t
     assert 'itc_auroc' not in json.loads((tmp_path / 'metrics.json').read_text())
 
 
+def test_temperature_steps_at_temp_lr_whatever_the_lr(albef):
+    cfg, model = albef('--lr', '1e-3', '--temp_lr', '1e-4', '--epic', 'none')
+    optimizer = ae.build_optimizer(model, cfg)
+    temp_groups = [g for g in optimizer.param_groups if any(p is model.student.temp for p in g['params'])]
+    assert len(temp_groups) == 1 and len(temp_groups[0]['params']) == 1 and temp_groups[0]['weight_decay'] == 0
+    assert sum(len(g['params']) for g in optimizer.param_groups) == len(list(model.student.parameters()))
+    common.set_lr(optimizer, common.lr_at(cfg.warmup_steps, cfg))      # peak of the schedule
+    assert temp_groups[0]['lr'] == pytest.approx(1e-4) and optimizer.param_groups[0]['lr'] == pytest.approx(1e-3)
+    model.student.temp.grad = torch.ones(())                           # Adam's first step moves by lr
+    before = model.student.temp.item()
+    optimizer.step()
+    assert before - model.student.temp.item() == pytest.approx(1e-4, rel=1e-3)
+
+
 def test_albef_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
     ae.main(AE_TINY + ['--out_dir', str(tmp_path)])
     for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'albef_epic.png'):
