@@ -620,6 +620,7 @@ def main(argv=None):
         metrics = evaluate(model, cfg, tokenizer, 'test', run, world, png=out / f'{METHOD}.png')
         print(common.write_metrics(cfg, {**metrics, **logger.speed(flops_per_sample)}))
     logger.close()
+    trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)
 
 

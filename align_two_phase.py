@@ -589,6 +589,7 @@ def main(argv=None):
                 logger.print(f"test image {i}: {caption!r}  (reference: {samples[i]['captions'][0]!r})")
         print(common.write_metrics(cfg, {**metrics, **logger.speed(), **speed}))
     logger.close()
+    trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)
 
 

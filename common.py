@@ -230,8 +230,10 @@ def wrap_ddp(module, run):
 
 
 def teardown(run):
-    """End the process group at the end of a torchrun run (an open one makes torch warn or abort at exit)."""
+    """End the process group at the end of a torchrun run (an open one makes torch warn or abort at exit). Drop the
+    DDP wrappers first: a reducer that outlives its process group can abort the process at exit."""
     if run.distributed and dist.is_initialized():
+        dist.barrier()  # no rank may tear down while another still talks to it
         dist.destroy_process_group()
 
 

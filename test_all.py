@@ -189,6 +189,8 @@ loss = (F.cross_entropy(logits, torch.arange(8)) + F.cross_entropy(logits.T, tor
 loss.backward()                                # DDP averages the parameter gradients over ranks
 if run.is_main:
     torch.save([p.grad for p in model.parameters()], {out!r} + '/grads.pt')
+del ddp, feats, loss                           # DDP's reducer goes before the process group,
+common.teardown(run)                           # which goes before exit (else gloo threads can abort a rank)
 '''
 
 
@@ -1331,6 +1333,8 @@ loss = a2p.phase1_loss(None, ddp, dict(image=image[mine], text=text[mine]), cfg)
 loss.backward()
 if run.is_main:
     torch.save({{n: p.grad for n, p in aligner.named_parameters()}}, {out!r} + '/grads_%d.pt' % run.world_size)
+del ddp, loss                                      # DDP's reducer goes before the process group,
+common.teardown(run)                               # which goes before exit (else gloo threads can abort a rank)
 '''
 
 
