@@ -1413,6 +1413,16 @@ def test_hard_negatives_never_pick_a_positive_and_work_at_batch_2():
     assert ae.sample_negatives(torch.zeros(2, 2), torch.ones(2, 2)).tolist() == [1, 0]  # no negative: the other row
 
 
+def test_hardness_0_draws_itm_negatives_uniformly_and_1_by_similarity():
+    sims = torch.tensor([[0.0, 30.0, 0.0, 0.0]]).repeat(4, 1)          # column 1 looks like every row's match
+    same = torch.eye(4, dtype=torch.bool)
+    torch.manual_seed(0)
+    hard = torch.stack([ae.sample_negatives(1.0 * sims, same) for _ in range(300)])
+    easy = torch.stack([ae.sample_negatives(0.0 * sims, same) for _ in range(300)])
+    assert (hard[:, 0] == 1).all()                                     # the most similar one, every time
+    assert 0.25 < (easy[:, 0] == 1).float().mean() < 0.42              # one of three, uniformly
+
+
 def test_mlm_masks_about_15_percent_and_never_a_special_token():
     tokenizer = data.build_tokenizer()
     special = torch.tensor(tokenizer.all_special_ids)
@@ -1491,6 +1501,14 @@ def test_epic_losses_train_the_generator_and_the_consistency_head(albef):
     losses['loss'].backward()
     for part in (model.generator, model.consistency_head, model.student.fusion_layers):
         assert all(p.grad is not None for p in part.parameters())
+
+
+def test_lambda_itc_weights_the_consistency_loss_and_generator_layers_sets_its_depth(albef):
+    cfg, model = albef('--lambda_itc', '2', '--generator_layers', '1')
+    assert len(model.generator.layers) == 1
+    losses = model(shapes_train_batch(8), alpha=0.4)
+    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 2 * losses['itc']
+                               + losses['gen'])
 
 
 def test_epic_none_builds_and_trains_no_epic_parameters(albef, tiny_backbones, tmp_path):
