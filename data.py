@@ -615,6 +615,10 @@ def collate(batch, tokenizer, max_len):
     items = [item for item in batch if item is not None]
     if not items:
         return dict(n_bad=len(batch))
+    shapes = {tuple(item['image'].shape) for item in items}
+    if len(shapes) > 1:  # e.g. latent files of different grids: one batch needs one shape
+        raise UserError(f"one batch holds images / latents of different shapes {sorted(shapes)}; store every "
+                        f"latent with the same (channels, h, w), or resize the images to one size")
     enc = tokenizer([item['caption'] for item in items], padding='longest', truncation=True,
                     max_length=max_len, return_tensors='pt')
     out = dict(image=torch.stack([item['image'] for item in items]), input_ids=enc.input_ids,

@@ -1599,3 +1599,245 @@ def test_coco_preset_builds_the_paper_scale_model_on_the_meta_device():
     assert model.student.visual_encoder.pos_embed.shape == (1, 1 + 16 * 16, 768)   # 256 px -> 16x16 patches
     assert (len(model.student.text_layers), len(model.student.fusion_layers)) == (6, 6)
     assert model.image_queue.shape == (65536, 256)
+
+# ============================================================================= blip_gated_sparse.py
+
+import blip_gated_sparse as bgs
+
+BGS_TINY = ['--max_steps', '4', '--batch_size', '4', '--eval_images', '6', '--val_images', '4', '--log_every', '1',
+            '--warmup_steps', '1', '--max_new_tokens', '6', '--min_new_tokens', '2', '--eval_every', '2']
+
+
+def blip(tiny_backbones, *argv):
+    cfg = parse_config(bgs.Config, bgs.PRESETS, list(argv), stem='blip_gated_sparse')
+    tokenizer = bgs.decoder_tokenizer(cfg.text_backbone)
+    vision = common.load_backbone(cfg.vision_backbone, 'vision') if cfg.image_input == 'pixels' else None
+    torch.manual_seed(0)
+    return bgs.Captioner(cfg, tokenizer, vision, common.load_backbone(cfg.text_backbone, 'mlm')).eval()
+
+
+def perturb_gates(model, seed=1):
+    """Gates away from their identity initialisation, so that tests see them act."""
+    torch.manual_seed(seed)
+    for gate in model.decoder.gates:
+        torch.nn.init.normal_(gate.w2.weight, std=1.0)
+        torch.nn.init.normal_(gate.w2.bias, std=0.5)
+
+
+def test_topk_keeps_ceil_of_the_kept_fraction_of_visible_keys_and_never_a_future_or_padded_one():
+    torch.manual_seed(0)
+    B, H, L = 3, 2, 9
+    lengths = torch.tensor([9, 6, 1])
+    mask = (torch.arange(L)[None] < lengths[:, None]).long()
+    attn_mask = padding_mask(mask) + causal_mask(L)                              # (B, 1, L, L)
+    attention = Attention(16, H)
+    for sparsity in (0.5, 0.7, 0.9):
+        attention.score_hook = bgs.TopK(sparsity)
+        _, probs = attention(torch.randn(B, L, 16), mask=attn_mask, return_attn=True)
+        for b in range(B):
+            for i in range(L):
+                visible = min(i + 1, int(lengths[b]))
+                kept = (probs[b, :, i] > 0).sum(-1)                             # (H,) per head
+                assert (kept == max(1, math.ceil(round((1 - sparsity) * visible, 9)))).all(), (sparsity, b, i)
+                assert (probs[b, :, i, i + 1:] == 0).all() and (probs[b, :, i, int(lengths[b]):] == 0).all()
+
+
+def test_topk_is_exact_on_a_hand_case_with_a_tie_and_counts_kept_connections():
+    topk = bgs.TopK(0.5)
+    topk.counting = True
+    scores = torch.tensor([[[[3.0, 1.0, 2.0, 2.0, 0.0]]]])                      # 5 visible keys: k = 3
+    out = topk(scores, None)
+    low = torch.finfo(torch.float32).min
+    assert out.tolist() == [[[[3.0, low, 2.0, 2.0, low]]]]
+    mask = torch.tensor([0.0, 0.0, low, low, low])                               # 2 visible keys: k = 1
+    assert topk(scores + mask, mask).tolist() == [[[[3.0, low, low, low, low]]]]
+    assert (topk.kept, topk.visible) == (4, 7)
+
+
+def test_sparse_attention_changes_the_decoder_output_and_the_loss(tiny_backbones):
+    dense, sparse = blip(tiny_backbones, '--sparsity', '0'), blip(tiny_backbones, '--sparsity', '0.7')
+    ids, mask, labels = dense.tokenize(['a small red circle', 'there is a blue square at the top left'])
+    images = torch.randn(2, 3, 64, 64)
+    assert dense.decoder.layers[0].self_attn.score_hook is None
+    assert sparse.decoder.layers[0].self_attn.score_hook is sparse.decoder.layers[0].cross_attn.score_hook
+    with torch.no_grad():
+        a = dense.decoder(ids, dense.encode_image(images), mask)
+        b = sparse.decoder(ids, sparse.encode_image(images), mask)
+        assert not torch.allclose(a, b, atol=1e-3)
+        assert dense(images, ids, mask, labels) != sparse(images, ids, mask, labels)
+    only_cross = blip(tiny_backbones, '--sparse_in', 'cross')
+    assert only_cross.decoder.layers[0].self_attn.score_hook is None
+    assert only_cross.decoder.layers[0].cross_attn.score_hook is only_cross.decoder.topk
+
+
+@pytest.mark.parametrize('gate', ['kv', 'hidden'])
+def test_gated_decoder_equals_the_ungated_one_exactly_at_initialisation(tiny_backbones, gate):
+    plain, gated = blip(tiny_backbones, '--gate', 'off'), blip(tiny_backbones, '--gate', gate)
+    gated.load_state_dict(plain.state_dict(), strict=False)                     # same weights, gates at identity
+    ids, mask, _ = plain.tokenize(['a small red circle', 'there is a blue square at the top left'])
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain.decoder(ids, plain.encode_image(images), mask), gated.decoder(ids, gated.encode_image(images), mask)
+    assert torch.equal(a[mask.bool()], b[mask.bool()])
+    assert all(torch.equal(g, mask.float()) for g in gated.decoder.last_gates)  # g = 1 on tokens, 0 on pads
+    perturb_gates(gated)
+    with torch.no_grad():
+        c = gated.decoder(ids, gated.encode_image(images), mask)
+    assert not torch.allclose(a[mask.bool()], c[mask.bool()], atol=1e-3)       # and the gate acts once trained
+
+
+@pytest.mark.parametrize('gate', ['kv', 'hidden'])
+def test_gate_parameters_receive_gradient(tiny_backbones, gate):
+    model = blip(tiny_backbones, '--gate', gate).train()
+    ids, mask, labels = model.tokenize(['a small red circle', 'a blue square'])
+    model(torch.randn(2, 3, 64, 64), ids, mask, labels).backward()
+    for gate_module in model.decoder.gates:
+        assert gate_module.w2.weight.grad.abs().sum() > 0 and gate_module.w2.bias.grad.abs() > 0
+
+
+def test_prompt_bos_and_pad_labels_are_minus_100_and_the_caption_and_sep_are_learned(tiny_backbones):
+    model = blip(tiny_backbones)
+    tok = model.tokenizer
+    ids, mask, labels = model.tokenize(['a red circle', 'there is a large blue square at the top'])
+    assert model.n_prompt == 4                                                   # [DEC] a picture of
+    assert (ids[:, 0] == tok.bos_token_id).all() and tok.bos_token == '[DEC]'
+    assert tok.convert_ids_to_tokens(ids[0, :model.n_prompt].tolist()) == ['[DEC]', 'a', 'picture', 'of']
+    assert (labels[:, :4] == -100).all() and (labels[mask == 0] == -100).all()
+    assert labels[0, 4:8].tolist() == ids[0, 4:8].tolist() and ids[0, 7] == tok.sep_token_id
+    assert (labels[0, 8:] == -100).all() and (mask[0, 8:] == 0).all()
+
+
+@pytest.mark.parametrize('gate, sparse_in', [('kv', 'self,cross'), ('hidden', 'self'), ('off', 'cross')])
+def test_cached_step_by_step_decoding_gives_the_teacher_forced_logits_with_sparsity_on(tiny_backbones, gate,
+                                                                                      sparse_in):
+    model = blip(tiny_backbones, '--gate', gate, '--sparsity', '0.7', '--sparse_in', sparse_in)
+    if model.decoder.gates is not None:
+        perturb_gates(model)
+    ids, _, _ = model.tokenize(['there is a large blue square at the top left', 'a small red circle above a cross'])
+    ids = ids[:, :10]                                                            # no padding in either row
+    image = model.encode_image(torch.randn(2, 3, 64, 64))
+    with torch.no_grad():
+        full = model.decoder(ids, image)                                         # (2, 10, V)
+        cache = []
+        steps = [model.decoder(ids[:, :4], image, cache=cache)]                  # the prompt at once, then one by one
+        steps += [model.decoder(ids[:, t:t + 1], image, cache=cache) for t in range(4, 10)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    assert cache[0][0].shape[2] == 10
+
+
+def greedy_blip_by_hand(model, image, steps):
+    """Greedy decoding without a cache: the whole sequence again at every step."""
+    ids = model.tokenize([''])[0][:, :model.n_prompt].expand(len(image), -1)
+    for t in range(steps):
+        logits = model.decoder(ids, image)[:, -1]
+        if t < model.cfg.min_new_tokens:
+            logits[:, model.eos_id] = -math.inf
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids[:, model.n_prompt:]
+
+
+def test_greedy_generation_with_the_cache_equals_decoding_by_hand_and_beams_score_at_least_as_high(tiny_backbones):
+    model = blip(tiny_backbones, '--max_new_tokens', '6', '--min_new_tokens', '6', '--sparsity', '0.5')
+    perturb_gates(model)
+    image = model.encode_image(torch.randn(3, 3, 64, 64))
+    by_hand = greedy_blip_by_hand(model, image, 6)
+    assert model.generate(image, num_beams=1) == [model.tokenizer.decode(r, skip_special_tokens=True) for r in by_hand]
+
+    def log_prob(caption, b):  # sum of the 6 tokens' log-probabilities (min = max length: no EOS decides)
+        ids = torch.tensor([model.tokenize([''])[0][0, :model.n_prompt].tolist() +
+                            model.tokenizer(caption, add_special_tokens=False).input_ids])
+        logp = F.log_softmax(model.decoder(ids, image[b:b + 1])[0, :-1].float(), -1)
+        logp[:, model.eos_id] = -math.inf
+        return logp[model.n_prompt - 1:].gather(1, ids[0, model.n_prompt:, None]).sum().item()
+
+    with torch.no_grad():
+        for b, (greedy, beam) in enumerate(zip(model.generate(image, 1), model.generate(image, 3))):
+            if len(beam.split()) == len(greedy.split()) == 6:
+                assert log_prob(beam, b) >= log_prob(greedy, b) - 1e-4
+
+
+def test_latent_encoder_takes_any_grid_and_names_a_bad_latent_shape():
+    encoder = bgs.LatentEncoder(dim=16, depth=1, heads=2)
+    for h, w, tokens in ((8, 8, 16), (6, 10, 15), (5, 7, 12)):
+        assert encoder(torch.randn(2, 4, h, w)).shape == (2, tokens, 16)
+    pos = bgs.sincos_2d(2, 3, 16)
+    assert pos.shape == (6, 16) and len({tuple(p.tolist()) for p in pos}) == 6  # each cell its own position
+    for shape in ((2, 3, 8, 8), (2, 4, 8), (2, 4, 8, 8, 1)):
+        with pytest.raises(UserError, match=r'latent input must be \(batch, 4, h, w\) VAE latents'):
+            encoder(torch.randn(*shape))
+
+
+def test_blip_runs_on_latent_files_named_by_a_caption_json_with_any_grid(tiny_backbones, tmp_path):
+    rows = []
+    for i in range(6):
+        np.save(tmp_path / f'{i}.npy', np.random.RandomState(i).randn(4, 6, 10).astype(np.float32))
+        rows.append(dict(latent=f'{i}.npy', caption=['a red circle', 'a blue square'][i % 2]))
+    (tmp_path / 'caps.json').write_text(json.dumps(rows))
+    bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'caps.json'), '--image_input', 'latents',
+                         '--text_backbone', 'shapes-tiny-text', '--max_len', '16', '--out_dir', str(tmp_path / 'out')])
+    metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+    assert 'cider' in metrics and (tmp_path / 'out' / 'blip_gated_sparse.png').is_file()
+    (tmp_path / 'bad.json').write_text(json.dumps([dict(latent='bad.npy', caption='a red circle')] * 4))
+    np.save(tmp_path / 'bad.npy', np.zeros((3, 6, 10), np.float32))
+    with pytest.raises(UserError, match=r'latent input must be \(batch, 4, h, w\).*got a tensor of shape \(4, 3, 6'):
+        bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'bad.json'), '--image_input', 'latents',
+                             '--text_backbone', 'shapes-tiny-text', '--out_dir', str(tmp_path / 'bad')])
+
+
+def test_blip_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
+    bgs.main(BGS_TINY + ['--out_dir', str(tmp_path)])
+    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'blip_gated_sparse.png'):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert {'bleu4', 'rouge_l', 'cider', 'blind_cider', 'attn_kept_frac', 'gate_mean', 'gate_std', 'steps_to_90_cider',
+            'steps_to_95_cider', 'train_samples_per_s', 'peak_mem_mb', 'train_seconds'} <= set(metrics)
+    assert 0 < metrics['attn_kept_frac'] < 0.75
+    rows = read_log(tmp_path)
+    assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3, 4]
+    assert [r['step'] for r in rows if 'val_cider' in r] == [2, 4]               # the convergence curve
+
+
+def test_blip_dense_run_keeps_every_connection(tiny_backbones, tmp_path):
+    bgs.main(BGS_TINY + ['--sparsity', '0', '--gate', 'off', '--out_dir', str(tmp_path), '--eval_every', '0'])
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert metrics['attn_kept_frac'] == 1.0 and (metrics['gate_mean'], metrics['gate_std']) == (1.0, 0.0)
+
+
+def test_blip_loss_falls(tiny_backbones, tmp_path):
+    bgs.main(BGS_TINY + ['--out_dir', str(tmp_path), '--max_steps', '40', '--batch_size', '8', '--lr', '1e-3',
+                         '--eval_every', '0', '--eval_images', '4', '--num_beams', '1'])
+    losses = [r['loss'] for r in read_log(tmp_path) if 'loss' in r]
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
+
+
+def test_blip_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+    bgs.main(BGS_TINY + ['--out_dir', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    resumed = interrupted_then_resumed(bgs.main, BGS_TINY, tmp_path / 'resumed', 2, monkeypatch)
+    assert_same_weights(straight['model'], resumed['model'])
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--gate', 'output'], "--gate 'output' is not one of kv, hidden, off"),
+    (['--sparsity', '1'], '--sparsity 1.0 must be in [0, 1)'),
+    (['--sparse_in', 'ffn'], "--sparse_in 'ffn' must name self, cross or both"),
+    (['--image_input', 'latents', '--data', 'coco', '--data_root', '/no/such/folder'], "is not a folder"),
+    (['--vision_backbone', 'no-such-org/no-such-vit'], "unknown backbone 'no-such-org/no-such-vit'"),
+])
+def test_blip_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        bgs.main(BGS_TINY + ['--out_dir', str(tmp_path)] + argv)
+
+
+def test_blip_adds_a_decoder_bos_to_a_bert_tokenizer_and_grows_the_tied_embeddings(tmp_path):
+    from transformers import BertTokenizerFast
+    vocab = ['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', 'a', 'red', 'circle', 'picture', 'of']
+    (tmp_path / 'vocab.txt').write_text('\n'.join(vocab))
+    BertTokenizerFast(str(tmp_path / 'vocab.txt')).save_pretrained(tmp_path)
+    BertForMaskedLM(BertConfig(vocab_size=10, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(tmp_path)
+    tokenizer = bgs.decoder_tokenizer(str(tmp_path))
+    assert tokenizer.bos_token == '[DEC]' and tokenizer.bos_token_id == 10
+    decoder = bgs.Decoder(bgs.Config(), common.load_backbone(str(tmp_path), 'mlm'), 8, len(tokenizer))
+    assert decoder.embeddings.word.num_embeddings == 11 and decoder.lm_head.decoder.weight is decoder.embeddings.word.weight
+    assert decoder(torch.tensor([[10, 5, 8, 9]]), torch.randn(1, 3, 8)).shape == (1, 4, 11)
