@@ -51,8 +51,8 @@ class Config(common.RunConfig):
     sparsity: float = 0.7           # fraction of each query's visible keys dropped after the scores (0 = dense)
     sparse_in: str = 'self,cross'   # which decoder attentions are sparse: self, cross or both
     num_beams: int = 3              # beam search width at evaluation (1 = greedy)
-    max_new_tokens: int = 20        # BLIP: max_length 20
-    min_new_tokens: int = 5         # BLIP: min_length 5 (EOS is forbidden before)
+    max_new_tokens: int = 20        # caption tokens generated at most, [SEP] included (BLIP: max_length 20)
+    min_new_tokens: int = 5         # [SEP] is forbidden before this many tokens (BLIP: min_length 5)
     eval_images: int = 0            # test images captioned (0 = all: 1,000 on ShapesWorld)
     val_images: int = 200           # val images captioned at every --eval_every (the convergence curve)
 
