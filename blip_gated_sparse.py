@@ -19,12 +19,12 @@ sparse.
     python blip_gated_sparse.py --data coco --data_root /data/coco        # ViT-B/16 + BERT-base, 384 px
     python blip_gated_sparse.py --data json --ann_file caps.json --image_input latents   # rows {latent, caption}
 """
+import json
 import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-import json
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -42,7 +42,7 @@ class Config(common.RunConfig):
     text_backbone: str = 'shapes-tiny-text'      # BERT checkpoint the decoder starts from (cross-attention is new)
     image_input: str = 'pixels'     # pixels (a ViT over the image) | latents (precomputed VAE latents, 4 x h x w)
     latent_layers: int = 2          # pre-LN transformer layers over the latent patches
-    latent_scale: float = 1.0       # stored latents are multiplied by this (0.13025 for raw SDXL-VAE means)
+    latent_scale: float = 1.0       # stored latents are multiplied by this (SDXL VAE: 0.13025 for raw encoder means)
     image_size: int = 64            # pixels (latents: the stand-in's grid is image_size / 8)
     max_len: int = 32               # prompt + caption tokens in training
     prompt: str = 'a picture of '   # BLIP's captioning prompt: prepended, excluded from the loss and the output
@@ -51,15 +51,17 @@ class Config(common.RunConfig):
     sparsity: float = 0.7           # fraction of each query's visible keys dropped after the scores (0 = dense)
     sparse_in: str = 'self,cross'   # which decoder attentions are sparse: self, cross or both
     num_beams: int = 3              # beam search width at evaluation (1 = greedy)
-    max_new_tokens: int = 20        # caption tokens generated at most, [SEP] included (BLIP: max_length 20)
-    min_new_tokens: int = 5         # [SEP] is forbidden before this many tokens (BLIP: min_length 5)
+    max_new_tokens: int = 16        # caption tokens generated at most, [SEP] included (BLIP: max_length 20 - prompt 4)
+    min_new_tokens: int = 1         # [SEP] is forbidden before this many tokens (BLIP: min_length 5 - prompt 4)
+    kv_cache: bool = True           # decode with cached keys and values (False: the whole prefix again every step)
     eval_images: int = 0            # test images captioned (0 = all: 1,000 on ShapesWorld)
     val_images: int = 200           # val images captioned at every --eval_every (the convergence curve)
 
 
 REAL = dict(vision_backbone='google/vit-base-patch16-224-in21k', text_backbone='bert-base-uncased', image_size=384,
             max_len=40, batch_size=32, lr=1e-5, weight_decay=0.05, warmup_steps=0, max_steps=11_000, eval_every=2000,
-            val_images=1000, log_every=50, grad_checkpointing=True)  # BLIP caption_coco.yaml: 8 x 32, 5 epochs
+            val_images=1000, log_every=50, grad_checkpointing=True,  # BLIP caption_coco.yaml: 8 x 32, 5 epochs
+            latent_scale=0.13025)  # --image_input latents: files of raw SDXL-VAE latents
 PRESETS = {
     'shapes': dict(batch_size=64, max_steps=1200, lr=5e-4, warmup_steps=100, weight_decay=0.05, eval_every=200,
                    log_every=20),
@@ -74,11 +76,11 @@ def check_config(cfg):
             raise UserError(f"--{name} '{getattr(cfg, name)}' is not one of {', '.join(allowed)}")
     if not 0 <= cfg.sparsity < 1:
         raise UserError(f"--sparsity {cfg.sparsity} must be in [0, 1): the fraction of visible keys dropped")
-    if not set(sparse_places(cfg)) <= {'self', 'cross'}:
+    if not sparse_places(cfg) or not set(sparse_places(cfg)) <= {'self', 'cross'}:
         raise UserError(f"--sparse_in '{cfg.sparse_in}' must name self, cross or both (comma-separated)")
-    if cfg.num_beams < 1 or cfg.min_new_tokens > cfg.max_new_tokens:
-        raise UserError(f"--num_beams ({cfg.num_beams}) must be >= 1 and --min_new_tokens ({cfg.min_new_tokens}) "
-                        f"<= --max_new_tokens ({cfg.max_new_tokens})")
+    if cfg.num_beams < 1 or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
+        raise UserError(f"--num_beams ({cfg.num_beams}) and --max_new_tokens ({cfg.max_new_tokens}) must be >= 1, "
+                        f"and 0 <= --min_new_tokens ({cfg.min_new_tokens}) <= --max_new_tokens")
 
 
 def sparse_places(cfg):
@@ -106,22 +108,26 @@ class TopK:
     query i keeps its k_i = max(1, ceil((1 - sparsity) * n_i)) highest scores among its n_i visible keys (ties at
     the k_i-th score are all kept); every other score becomes finfo.min (never -1e10, which overflows in fp16), so
     the softmax gives it weight 0. k_i depends only on what query i can see, so a cached decoding step keeps the
-    same keys as teacher forcing. With `counting` on it tallies kept / visible connections (attn_kept_frac)."""
+    same keys as teacher forcing. With `counting` on it tallies kept / visible connections (attn_kept_frac) over
+    the queries that `query_mask` (B, L) marks as real tokens (a pad's own row is no connection of the caption)."""
 
     def __init__(self, sparsity):
-        self.sparsity, self.counting, self.kept, self.visible = sparsity, False, 0, 0
+        self.sparsity, self.counting, self.query_mask, self.kept, self.visible = sparsity, False, None, 0, 0
 
     def __call__(self, scores, mask):  # scores (B, H, Lq, Lk) masked; mask additive or None
         low = torch.finfo(scores.dtype).min
         visible = (torch.ones_like(scores, dtype=torch.bool) if mask is None
                    else (mask > torch.finfo(mask.dtype).min / 2).expand_as(scores))
         n = visible.sum(-1, keepdim=True)                                        # (B, H, Lq, 1)
-        k = ((1 - self.sparsity) * n - 1e-6).ceil().clamp(min=1).long()          # -1e-6: 0.3 * 10 is 3.0000000000000004
+        kept_share = ((1 - self.sparsity) * n.double() * 1e9).round() / 1e9     # (1 - 0.7) * 10 is 3.0000000000000004
+        k = kept_share.ceil().clamp(min=1).long()
         ranked = scores.masked_fill(~visible, -math.inf).sort(-1, descending=True).values
         tau = ranked.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1))          # k-th largest visible score
         keep = visible & (scores >= tau)
         if self.counting:
-            self.kept, self.visible = self.kept + keep.sum().item(), self.visible + visible.sum().item()
+            rows = self.query_mask.bool()[:, None, :, None]                      # (B, 1, Lq, 1)
+            self.kept += (keep & rows).sum().item()
+            self.visible += (visible & rows).sum().item()
         return scores.masked_fill(~keep, low)
 
 # ----------------------------------------------------------------------------- model
@@ -175,9 +181,10 @@ class Decoder(nn.Module):
         dim = text_hf.config.hidden_size
         self.gates = nn.ModuleList(TokenGate(dim) for _ in range(n)) if cfg.gate != 'off' else None
         self.topk = TopK(cfg.sparsity)
-        for layer in self.layers if cfg.sparsity > 0 else []:
-            layer.self_attn.score_hook = self.topk if 'self' in sparse_places(cfg) else None
-            layer.cross_attn.score_hook = self.topk if 'cross' in sparse_places(cfg) else None
+        if cfg.sparsity > 0:  # at 0 no hook: the fused SDPA kernel runs, as in plain BLIP
+            for layer in self.layers:
+                layer.self_attn.score_hook = self.topk if 'self' in sparse_places(cfg) else None
+                layer.cross_attn.score_hook = self.topk if 'cross' in sparse_places(cfg) else None
         self.last_gates = []  # the gates of the last forward, (B, L) per layer (evaluation and the PNG read them)
 
     def forward(self, ids, image, mask=None, cache=None, return_attn=False):
@@ -222,10 +229,11 @@ def grow_vocab(embeddings, lm_head, vocab_size):
     nn.init.normal_(word.weight, std=0.02)
     word.weight.data[:old.num_embeddings] = old.weight.data
     embeddings.word = word
-    bias = torch.zeros(vocab_size)
-    bias[:old.num_embeddings] = lm_head.decoder.bias.data
-    lm_head.decoder = nn.Linear(old.embedding_dim, vocab_size)
-    lm_head.decoder.weight, lm_head.decoder.bias.data = word.weight, bias
+    decoder = nn.Linear(old.embedding_dim, vocab_size)
+    nn.init.zeros_(decoder.bias)
+    decoder.bias.data[:old.num_embeddings] = lm_head.decoder.bias.data
+    decoder.weight = word.weight                                                 # tied, as before
+    lm_head.decoder = decoder
 
 
 def decoder_tokenizer(name):
@@ -275,15 +283,16 @@ class Captioner(nn.Module):
                                label_smoothing=self.cfg.label_smoothing)
 
     @torch.no_grad()
-    def generate(self, image, num_beams=None):
-        """Beam search (greedy at num_beams 1) from image tokens (B, M, Dv) with the KV cache -> B captions without
-        the prompt. A hypothesis ends at [SEP] (forbidden before min_new_tokens); scores are summed log-probs over
-        the length (length penalty 1); a caption is done once it has num_beams finished hypotheses (HF's
-        early_stopping=True), and the best finished or surviving one is returned."""
+    def generate(self, image, num_beams=None, kv_cache=None):
+        """Beam search (greedy at num_beams 1) from image tokens (B, M, Dv) -> B captions without the prompt.
+        A hypothesis ends at [SEP] (forbidden before min_new_tokens) and is scored by its summed log-probs over its
+        new tokens (length penalty 1); a caption is done once it has num_beams finished hypotheses (HF's
+        early_stopping=True), and the best of its finished and surviving hypotheses is returned."""
         cfg, K = self.cfg, num_beams or self.cfg.num_beams
+        kv_cache = cfg.kv_cache if kv_cache is None else kv_cache
         B, device = len(image), image.device
         prompt = self.tokenize([''])[0][:, :self.n_prompt].to(device).expand(B * K, -1)  # (B*K, P)
-        image, cache = image.repeat_interleave(K, 0), []
+        image, cache = image.repeat_interleave(K, 0), [] if kv_cache else None
         logits = self.decoder(prompt, image, cache=cache)[:, -1]                 # (B*K, V)
         scores = torch.full((B, K), -math.inf, device=device)
         scores[:, 0] = 0                                                         # all beams start as one
@@ -294,24 +303,29 @@ class Captioner(nn.Module):
             if t < cfg.min_new_tokens:
                 logp[:, self.eos_id] = -math.inf
             V = logp.shape[1]
-            top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(2 * K, 1)  # (B, 2K)
-            beam, token = index // V, index % V
+            top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(2 * K, 1)  # (B, 2K) best continuations
+            beam, token = index // V, index % V                                  # (B, 2K) from which beam, which token
             is_eos = token == self.eos_id
             for b, j in (is_eos[:, :K]).nonzero().tolist():  # EOS among the K best: a finished hypothesis
                 if len(finished[b]) < K:
                     finished[b].append((top[b, j].item() / (t + 1), tokens[b * K + beam[b, j]].tolist()))
             if all(len(f) >= K for f in finished):
                 break
-            alive = (is_eos.long() * 2 * K + torch.arange(2 * K, device=device)).argsort(1)[:, :K]  # non-EOS first
-            source = (torch.arange(B, device=device)[:, None] * K + beam.gather(1, alive)).flatten()  # (B*K,)
-            scores, new = top.gather(1, alive), token.gather(1, alive).flatten()
-            tokens = torch.cat([tokens[source], new[:, None]], 1)
-            cache[:] = [(k[source], v[source]) for k, v in cache]
-            logits = self.decoder(new[:, None], image, cache=cache)[:, -1]
+            # the K best non-EOS continuations survive (each beam adds at most one EOS, so 2K hold at least K others)
+            alive = (is_eos.long() * 2 * K + torch.arange(2 * K, device=device)).argsort(1)[:, :K]  # (B, K)
+            source = (torch.arange(B, device=device)[:, None] * K + beam.gather(1, alive)).flatten()  # (B*K,) rows
+            scores, new = top.gather(1, alive), token.gather(1, alive).flatten()  # (B, K), (B*K,)
+            tokens = torch.cat([tokens[source], new[:, None]], 1)                # (B*K, t+1)
+            if kv_cache:
+                cache[:] = [(k[source], v[source]) for k, v in cache]
+                logits = self.decoder(new[:, None], image, cache=cache)[:, -1]
+            else:
+                logits = self.decoder(torch.cat([prompt, tokens], 1), image)[:, -1]
         captions = []
         for b in range(B):
-            pool = finished[b] or [(scores[b, j].item() / tokens.shape[1], tokens[b * K + j].tolist())
-                                   for j in range(K)]
+            pool = list(finished[b])
+            if len(pool) < K:  # not done at max_new_tokens: the surviving beams compete too
+                pool += [(scores[b, j].item() / tokens.shape[1], tokens[b * K + j].tolist()) for j in range(K)]
             captions.append(self.tokenizer.decode(max(pool, key=lambda p: p[0])[1], skip_special_tokens=True))
         return captions
 
@@ -338,9 +352,9 @@ def evaluate(model, cfg, split, run, world, png=None, blind=True):
             blind_predictions.update(zip(ids, model.generate(torch.zeros_like(image))))
         references.update(zip(ids, batch['captions']))
         tokens, mask, _ = model.tokenize([refs[0] for refs in batch['captions']])
-        topk.counting = True
+        topk.counting, topk.query_mask = True, mask.to(run.device)
         model.decoder(tokens.to(run.device), image, mask.to(run.device))
-        topk.counting = False
+        topk.counting, topk.query_mask = False, None
         if model.decoder.gates is not None:
             gates += [g[mask.bool().to(g.device)] for g in model.decoder.last_gates]
     metrics = common.caption_metrics(predictions, references)
@@ -356,18 +370,19 @@ def evaluate(model, cfg, split, run, world, png=None, blind=True):
 
 
 def steps_to_fraction(log_path, fraction):
-    """First eval step whose val CIDEr reaches `fraction` of the run's best (from log.jsonl; None if no eval)."""
+    """First eval step whose val CIDEr reaches `fraction` of the run's best (from log.jsonl, so a resumed run counts
+    its evals before the resume too); None without an eval or with a best of 0."""
     curve = [(row['step'], row['val_cider']) for row in map(json.loads, Path(log_path).read_text().splitlines())
              if 'val_cider' in row]
-    best = max((c for _, c in curve), default=None)
-    return next((s for s, c in curve if c >= fraction * best), None) if curve else None
+    best = max((c for _, c in curve), default=0)
+    return next((s for s, c in curve if c >= fraction * best), None) if best > 0 else None
 
 
 @torch.no_grad()
 def draw(model, cfg, raw, caption, device, path):
     """PNG: test image 0 beside its generated caption, each token shaded by its gate (mean over layers, / 2 so that
     1 = no change sits mid-scale), then the self-attention of the caption's last token in the last layer, dense
-    and after top-k (marked: the keys top-k dropped). Latents are shown by their first three channels (the
+    and after top-k (marked: the keys that every head dropped). Latents are shown by their first three channels (the
     ShapesWorld stand-in's block means of R, G, B; a false-colour view of a real VAE latent)."""
     decoder = model.decoder
     ids, mask, _ = model.tokenize([caption])
@@ -392,7 +407,9 @@ def draw(model, cfg, raw, caption, device, path):
     peak = dense_row.max().item()
     rows.append((f"self-attention of '{words[last]}', last layer, dense (/ row max)",
                  [(w, p / peak, False) for w, p in zip(words, dense_row.tolist())]))
-    rows.append((f'after top-k, sparsity {cfg.sparsity} in self (marked: dropped)',
+    where = 'self' in sparse_places(cfg) and cfg.sparsity > 0
+    rows.append((f'after top-k, sparsity {cfg.sparsity} (marked: dropped by every head)' if where else
+                 'top-k is off in self-attention (--sparsity 0 or --sparse_in cross): the same as dense',
                  [(w, p / peak, d > 0 and s == 0) for w, p, d, s in
                   zip(words, sparse_row.tolist(), dense_row.tolist(), sparse_row.tolist())]))
     common.render_tokens(raw[:3], rows, str(path), title=f'{METHOD}: test image 0 (--image_input {cfg.image_input})',
