@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 import common
-from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, build_tokenizer, caption_is_true, collate,
+from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, caption_is_true, collate,
                   eval_loader, parse_caption, train_batches)
 
 METHOD = 'align_two_phase'
@@ -486,10 +486,7 @@ def main(argv=None):
              else None)
     build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world, max_images=1)  # fail early
     tokenizer = common.load_tokenizer(cfg.text_backbone)
-    # the built-in LM speaks the ShapesWorld word-level tokenizer; build it directly, because AutoTokenizer reloads
-    # the saved one as a byte-level Qwen2Tokenizer (its folder's config says qwen2), which splits words wrongly
-    builtin_lm = cfg.lm_backbone.startswith('shapes-tiny')
-    lm_tokenizer = build_tokenizer() if builtin_lm else common.load_tokenizer(cfg.lm_backbone)
+    lm_tokenizer = common.load_tokenizer(cfg.lm_backbone)
     frozen_dtype = None if cfg.train_llm else run.dtype  # frozen towers in bf16 on CUDA, trained weights fp32
     model = TwoPhase(cfg, common.load_backbone(cfg.vision_backbone, 'vision', dtype=run.dtype),
                      common.load_backbone(cfg.text_backbone, 'text', dtype=run.dtype),

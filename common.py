@@ -783,11 +783,14 @@ def load_backbone(name, kind, dtype=None):
 
 
 def load_tokenizer(name):
-    """The tokenizer saved with a backbone (built-ins carry the ShapesWorld word-level tokenizer)."""
-    from transformers import AutoTokenizer
-    path = builtin_backbone(name) if name.startswith('shapes-tiny') else name
+    """The tokenizer saved with a backbone. The built-ins carry the ShapesWorld word-level tokenizer, loaded as the
+    plain fast tokenizer it is: AutoTokenizer would pick the class of the model's type, and for the built-in LM's
+    qwen2 that is a byte-level BPE tokenizer that splits the words wrongly."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    builtin = name.startswith('shapes-tiny')
+    path = builtin_backbone(name) if builtin else name
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return (PreTrainedTokenizerFast if builtin else AutoTokenizer).from_pretrained(path)
     except (OSError, ValueError) as e:
         raise _unknown_backbone(name, 'tokenizer files', e) from None
 
