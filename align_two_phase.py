@@ -208,9 +208,7 @@ class Captioner(nn.Module):
         prefix = torch.zeros_like(prefix) if blind else prefix
         x = torch.cat([prefix, self.lm.get_input_embeddings()(enc.input_ids)], 1)    # (B, T, H) right-padded
         mask = torch.cat([torch.ones_like(prefix[..., 0], dtype=torch.long), enc.attention_mask], 1)  # (B, T)
-        T = mask.shape[1]
-        order = (torch.arange(T, device=z.device) - (mask == 0).sum(1, keepdim=True)) % T  # rotate pads to the front
-        x, mask = x.gather(1, order[..., None].expand_as(x)), mask.gather(1, order)
+        x, mask = common.right_to_left_padding(x, mask)
         new = self.lm.generate(inputs_embeds=x.to(self.lm.dtype), attention_mask=mask, do_sample=False,
                                max_new_tokens=self.cfg.max_new_tokens, eos_token_id=self.eos_id,
                                pad_token_id=self.pad_id)  # (B, new): only the generated tokens with inputs_embeds

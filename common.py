@@ -472,6 +472,15 @@ def causal_mask(L, device=None, dtype=torch.float32):
     return torch.full((L, L), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
 
 
+def right_to_left_padding(x, mask):
+    """Rows padded on the right -> the same rows padded on the left, as batched decoder-only generation needs (each
+    row continues right after its own last token): every row is rotated by its number of pads.
+    x (B, T, ...) and mask (B, T) 1 = token -> both rotated."""
+    T = mask.shape[1]
+    order = (torch.arange(T, device=mask.device) - (mask == 0).sum(1, keepdim=True)) % T     # (B, T)
+    return x.gather(1, order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x)), mask.gather(1, order)
+
+
 def checkpointed(fn, *args, on=False, **kwargs):
     """fn(*args, **kwargs), with activation checkpointing when `on` and autograd is recording: activations are
     recomputed in backward instead of stored. Stacks call it per layer: x = checkpointed(layer, x, mask, on=...)."""

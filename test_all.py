@@ -1860,3 +1860,205 @@ def test_blip_adds_a_decoder_bos_to_a_bert_tokenizer_and_grows_the_tied_embeddin
     assert decoder.embeddings.word.num_embeddings == 11
     assert decoder.lm_head.decoder.weight is decoder.embeddings.word.weight   # still tied
     assert decoder(torch.tensor([[10, 5, 8, 9]]), torch.randn(1, 3, 8)).shape == (1, 4, 11)
+
+# ============================================================================= cal.py
+
+import cal
+
+CAL_TINY = ['--stage1_steps', '3', '--max_steps', '3', '--batch_size', '4', '--eval_images', '4', '--log_every', '1',
+            '--warmup_steps', '1', '--max_new_tokens', '4']
+
+
+def cal_model(tiny_backbones, *argv):
+    cfg = parse_config(cal.Config, cal.PRESETS, list(argv), stem='cal')
+    torch.manual_seed(0)
+    return cal.VLM(cfg, common.load_backbone(cfg.vision_model, 'vision'), common.load_backbone(cfg.llm, 'lm'),
+                   common.load_tokenizer(cfg.llm)).eval()
+
+
+def cal_rows(model, n=4, answers=None, start=0):
+    world = data.ShapesWorld(seed=0)
+    items = [dict(image=world.transform(world.image('train', start + i)), caption=(answers or [None] * n)[i] or
+                  world.captions('train', start + i)[0], image_id=i) for i in range(n)]
+    return cal.collate_rows(items, model.tokenizer, model.cfg, model.n_image)
+
+
+def test_no_image_pass_gives_the_text_logits_of_the_official_2d_masking_and_no_nan(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    torch.manual_seed(0)
+    for llm in (Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2)),
+                LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2))):
+        llm.eval()
+        model = type('M', (), {'n_image': 5, 'llm': llm})()                     # what logits_without_image reads
+        start, L = 2, 14
+        x = torch.randn(3, L, 32)
+        mask = torch.ones(3, L, dtype=torch.long)
+        mask[1, 11:], mask[2, 9:] = 0, 0                                         # right padding
+        ours = cal.VLM.logits_without_image(model, x, mask, start)              # (3, L - 5, V)
+        official = mask.clone()
+        official[:, start:start + 5] = 0                                         # the code: image positions zeroed
+        theirs = llm(inputs_embeds=x, attention_mask=official).logits           # (3, L, V)
+        text = torch.cat([torch.arange(start), torch.arange(start + 5, L)])
+        for b in range(3):
+            real = mask[b, text].bool()
+            torch.testing.assert_close(ours[b][real], theirs[b, text][real], atol=1e-5, rtol=1e-5)
+        assert not ours.isnan().any() and not theirs.isnan().any()
+
+
+def test_delta_from_gathered_target_logits_equals_delta_from_full_logits(tiny_backbones):
+    model = cal_model(tiny_backbones)
+    rows = cal_rows(model)
+    with torch.no_grad():
+        logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+        targets = rows['labels'][:, 1:]
+        delta = cal.target_logit_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets)
+        full = model.logits_without_image(x, rows['attention_mask'], rows['image_start'])   # (B, L - N, V)
+    start, N = rows['image_start'], model.n_image
+    for b in range(len(targets)):
+        for t in range(targets.shape[1]):
+            if targets[b, t] == -100:
+                continue
+            assert start + N <= t                                                # answers come after the image
+            by_hand = logits[b, t, targets[b, t]] - full[b, t - N, targets[b, t]]
+            torch.testing.assert_close(delta[b, t], by_hand, atol=1e-5, rtol=1e-5)
+    assert (delta[:, start:start + N - 1] == 0).all()                            # positions inside the image
+
+
+def test_cal_weights_clamp_pool_and_normalise_on_a_hand_example():
+    cfg = cal.Config()
+    delta = torch.tensor([[0.0, 2.0, 7.0, 3.0], [4.0, -1.0, 1.5, 9.0]])
+    answer = torch.tensor([[False, True, True, True], [True, True, False, False]])
+    # clamped: [[1, 2, 5, 3], [4, 1, 1.5, 5]]; flat pools the 8 values as one row, padding not counted
+    flat = cal.cal_weights(delta, answer, cfg)
+    expected = torch.tensor([[1.5, 8 / 3, 10 / 3, 4.0], [8 / 3, 6.5 / 3, 7.5 / 3, 3.25]])
+    torch.testing.assert_close(flat, expected)
+    sample = cal.cal_weights(delta, answer, replace(cfg, cal_pool='sample'))   # within each row, answers only
+    torch.testing.assert_close(sample[answer], torch.tensor([3.5, 10 / 3, 4.0, 2.5, 2.5]))
+    ce = torch.tensor([[0.0, 1.0, 2.0, 3.0], [4.0, 5.0, 0.0, 0.0]])
+    w = sample
+    assert math.isclose(((w * ce).sum() / (w[answer].sum() + 1e-6)).item(),
+                        (3.5 * 1 + 10 / 3 * 2 + 4 * 3 + 2.5 * 4 + 2.5 * 5) / (3.5 + 10 / 3 + 4 + 2.5 + 2.5 + 1e-6),
+                        rel_tol=1e-6)
+
+
+def test_with_cal_false_the_loss_is_the_plain_next_token_ce(tiny_backbones):
+    model = cal_model(tiny_backbones)
+    rows = cal_rows(model)
+    loss = cal.answer_loss(model, model, rows, model.cfg, use_cal=False)['loss']
+    x = model.embed(rows['input_ids'], rows['image'], rows['image_start'])
+    hf = model.llm(inputs_embeds=x, attention_mask=rows['attention_mask'], labels=rows['labels']).loss
+    torch.testing.assert_close(loss, hf)
+
+
+def test_with_cal_the_loss_is_the_cal_weighted_mean_of_the_token_ce(tiny_backbones, monkeypatch):
+    model = cal_model(tiny_backbones)
+    rows = cal_rows(model)
+    targets = rows['labels'][:, 1:]
+    delta = torch.rand(targets.shape, generator=torch.Generator().manual_seed(0)) * 6   # Δo in [0, 6)
+    monkeypatch.setattr(cal, 'target_logit_gain', lambda *args: delta)
+    weighted = cal.answer_loss(model, model, rows, model.cfg, use_cal=True)
+    with torch.no_grad():
+        logits, _ = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), reduction='none').view(targets.shape)
+    answer = targets != -100
+    w = cal.cal_weights(delta, answer, model.cfg)
+    torch.testing.assert_close(weighted['loss'], (w * ce).sum() / (w[answer].sum() + 1e-6))
+    assert not torch.isclose(weighted['loss'], ce[answer].mean())
+    torch.testing.assert_close(weighted['at_beta'], (delta[answer] >= 5).float().mean())
+
+
+@pytest.mark.parametrize('pool', ['flat', 'sample'])
+def test_text_only_rows_get_weight_1(tiny_backbones, pool):
+    model = cal_model(tiny_backbones, '--cal_pool', pool)
+    world = data.ShapesWorld(seed=0)
+    items = [dict(image=world.transform(world.image('train', i)) if i != 1 else None, image_id=i,
+                  caption=['a red circle', 'a large blue square', 'a cross', 'a green triangle'][i]) for i in range(4)]
+    rows = cal.collate_rows(items, model.tokenizer, model.cfg, model.n_image)
+    assert rows['attention_mask'][1, rows['image_start']:rows['image_start'] + model.n_image].sum() == 0
+    with torch.no_grad():
+        logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+        targets = rows['labels'][:, 1:]
+        delta = cal.target_logit_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets)
+    w = cal.cal_weights(delta, targets != -100, model.cfg)
+    assert (w[1][targets[1] != -100] == 1).all()
+    assert delta[1].abs().max() < 1e-4                                           # its two passes are the same
+    assert delta[0][targets[0] != -100].abs().max() > 1e-3                       # an image row's are not
+
+
+def test_stage_1_trains_the_projector_only(tiny_backbones, tmp_path):
+    cal.main(CAL_TINY + ['--stage', '1', '--out_dir', str(tmp_path)])
+    before = cal_model(tiny_backbones).state_dict()
+    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
+    for key in before:
+        if key.startswith(('llm.', 'vision.')):
+            assert torch.equal(before[key], after[key]), key
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith('projector.'))
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_backbones):
+    model = cal_model(tiny_backbones, '--max_new_tokens', '6')
+    world = data.ShapesWorld(seed=0)
+    images = torch.stack([world.transform(world.image('test', i)) for i in range(3)])
+    prompts = ['describe this image .', 'what color is the large circle ?', 'how many objects are there ?']
+    batched = model.generate(images, prompts)
+    assert batched == [model.generate(images[i:i + 1], [p])[0] for i, p in enumerate(prompts)]
+
+
+def test_cal_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
+    cal.main(CAL_TINY + ['--caption_noise', '0.5', '--out_dir', str(tmp_path)])
+    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'cal.png'):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    assert {'bleu4', 'rouge_l', 'cider', 'blind_cider', 'vqa_acc', 'blind_vqa_acc', 'vqa_acc_color', 'delta_auroc',
+            'cal_overhead', 'cal_weight_noisy', 'cal_weight_visual', 'train_samples_per_s', 'peak_mem_mb',
+            'train_seconds'} <= set(metrics)
+    rows = read_log(tmp_path)
+    assert [r['step'] for r in rows] == list(range(1, 7)) and {'delta', 'at_alpha', 'at_beta'} <= set(rows[0])
+    assert json.loads((tmp_path / 'config.json').read_text())['caption_noise'] == 0.5
+
+
+def test_cal_loss_falls(tiny_backbones, tmp_path):
+    cal.main(CAL_TINY + ['--out_dir', str(tmp_path), '--stage', '2', '--max_steps', '30', '--lr', '1e-3',
+                         '--batch_size', '8', '--eval_images', '2'])
+    losses = [r['loss'] for r in read_log(tmp_path)]
+    assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
+
+
+def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+    argv = CAL_TINY + ['--eval_every', '2', '--eval_images', '2', '--caption_noise', '0.3']
+    cal.main(argv + ['--out_dir', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    for stop_at in (2, 5):  # in stage 1, and in stage 2
+        resumed = interrupted_then_resumed(cal.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
+        assert_same_weights(straight['model'], resumed['model'])
+        assert torch.equal(straight['noise_sums'], resumed['noise_sums'])
+
+
+def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    tokenizer = data.build_tokenizer()
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / 'lm')
+    tokenizer.save_pretrained(tmp_path / 'lm')
+    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     image_size=64, patch_size=16)).save_pretrained(tmp_path / 'clip')
+    cal.main(CAL_TINY + ['--llm', str(tmp_path / 'lm'), '--vision_model', str(tmp_path / 'clip'),
+                         '--out_dir', str(tmp_path / 'out')])
+    state = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
+    assert state['model']['projector.0.weight'].shape == (32, 32)                # CLIP width -> Qwen2 width
+    assert 'cider' in json.loads((tmp_path / 'out' / 'metrics.json').read_text())
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--stage', '3'], "--stage '3' must be 1, 2 or both"),
+    (['--cal_stages', '3'], "--cal_stages '3' must list stages 1 and/or 2"),
+    (['--cal_window', '2'], 'an odd --cal_window (2)'),
+    (['--caption_noise', '0.1', '--data', 'coco', '--data_root', '/tmp'], '--caption_noise corrupts ShapesWorld'),
+    (['--llm', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
+    (['--image_text', ''], "--image_text '' gives no token; the image must not come first"),
+])
+def test_cal_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        cal.main(CAL_TINY + ['--out_dir', str(tmp_path)] + argv)
