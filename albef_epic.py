@@ -81,6 +81,9 @@ PRESETS = {  # shapes: ~10 minutes on 2 CPU cores. A run this short wants a shor
 }
 
 
+SHAPE_FLAGS = '--epic / --embed_dim / --queue_size / --fusion_layers or the backbones'  # what a checkpoint must match
+
+
 def check_config(cfg):
     choices = dict(epic=('none', 'random', 'saliency'), saliency=('attention', 'necessity'))
     for name, allowed in choices.items():
@@ -564,7 +567,7 @@ def main(argv=None):
               f"{epic_params / 1e6:.1f}M in EPIC's generator and consistency head")
     if cfg.eval_only:
         path = cfg.init_from or out / 'ckpt.pt'
-        restore_into(common.load_checkpoint(path, METHOD), model, path)
+        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
             print(common.write_metrics(cfg, evaluate(model, cfg, tokenizer, 'test', run, world, png=out / f'{METHOD}.png')))
         return
@@ -573,9 +576,9 @@ def main(argv=None):
     common.seed_rank(cfg, run)  # per-rank streams from here; a resumed run then restores its saved ones
     start = 0
     if cfg.resume:
-        start = restore_into(common.load_checkpoint(out / 'ckpt.pt', METHOD), model, out / 'ckpt.pt', optimizer)
+        start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:  # weights only: fine-tune a pre-trained model
-        restore_into(common.load_checkpoint(cfg.init_from, METHOD), model, cfg.init_from)
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world)
     batches = train_batches(train_set, cfg.batch_size, partial(collate, tokenizer=tokenizer, max_len=cfg.max_len),
                             cfg.seed, start_step=start * cfg.grad_accum, num_workers=cfg.num_workers, rank=run.rank,
@@ -634,15 +637,6 @@ def build_optimizer(model, cfg):
         groups += common.param_groups(model.generator, cfg.weight_decay) + \
                   common.param_groups(model.consistency_head, cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr)
-
-
-def restore_into(state, model, path, optimizer=None):
-    """common.restore, with a checkpoint of another shape (other --epic, sizes, backbones) as a UserError."""
-    try:
-        return common.restore(state, model, optimizer)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path} does not fit this model; were --epic / --embed_dim / --queue_size / --fusion_layers "
-                        f"or the backbones different? ({str(e).splitlines()[0][:200]})") from None
 
 
 if __name__ == '__main__':

@@ -90,6 +90,9 @@ PRESETS = {
 }
 
 
+SHAPE_FLAGS = '--d_align / --projector / --prefix_tokens / --train_llm'  # what a checkpoint must match
+
+
 def check_config(cfg):
     choices = dict(phase=('1', '2', 'both'), vision_pool=('cls', 'mean'), projector=('mlp', 'transformer'))
     for name, allowed in choices.items():
@@ -465,16 +468,6 @@ def draw_retrieval(model, cfg, dataset, world, image, image_emb, text_emb, capti
 
 # ----------------------------------------------------------------------------- training loop
 
-def restore_into(state, saved, path, optimizer=None):
-    """common.restore, with a checkpoint of another shape (other --d_align, --projector, ...) as a UserError."""
-    try:
-        common.restore(state, saved, optimizer)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path} does not fit this model; were --d_align / --projector / --prefix_tokens / "
-                        f"--train_llm different? ({str(e).splitlines()[0][:200]})") from None
-    return state
-
-
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
     check_config(cfg)
@@ -494,7 +487,7 @@ def main(argv=None):
     total = p1 + (cfg.phase2_steps if cfg.phase != '1' else 0)
     if cfg.eval_only:
         path = cfg.init_from or out / 'ckpt.pt'
-        state = restore_into(common.load_checkpoint(path, METHOD), saved, path)
+        state = common.load_into(path, METHOD, saved, flags=SHAPE_FLAGS)
         metrics = evaluate(model, cfg, tokenizer, 'test', run.device, world, captions=state['phase'] == 2,
                            png=out / f'{METHOD}.png')
         if run.is_main:
@@ -503,10 +496,10 @@ def main(argv=None):
 
     state, start = None, 0
     if cfg.resume:
-        state = restore_into(common.load_checkpoint(out / 'ckpt.pt', METHOD), saved, out / 'ckpt.pt')
+        state = common.load_into(out / 'ckpt.pt', METHOD, saved, flags=SHAPE_FLAGS)
         start = state['step']
     elif cfg.init_from:  # weights only (e.g. --phase 2 from a phase-1 run)
-        restore_into(common.load_checkpoint(cfg.init_from, METHOD), saved, cfg.init_from)
+        common.load_into(cfg.init_from, METHOD, saved, flags=SHAPE_FLAGS)
     train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world)
     collate_fn = partial(collate, tokenizer=tokenizer, max_len=cfg.max_len)
     if cfg.phase != '2' and start == 0:  # a fresh phase 1: centre the adapters' input (see Aligner)
@@ -530,7 +523,7 @@ def main(argv=None):
         schedule = cfg if phase == 1 else replace(cfg, lr=cfg.phase2_lr, max_steps=last - first)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
         if state is not None and state['phase'] == phase:  # (a checkpoint from the end of phase 1 gave its weights)
-            restore_into(state, saved, out / 'ckpt.pt', optimizer)  # weights, this phase's optimizer, RNG streams
+            common.restore(state, saved, optimizer, out / 'ckpt.pt', SHAPE_FLAGS)  # + this phase's optimizer, RNG
         trainable = common.wrap_ddp(torch.compile(module) if cfg.compile else module, run)
         model.train()
         loss_fn = phase1_loss if phase == 1 else phase2_loss

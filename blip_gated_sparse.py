@@ -69,6 +69,9 @@ PRESETS = {
 }
 
 
+SHAPE_FLAGS = '--gate / --image_input / --latent_layers or the backbones'  # what a checkpoint must match
+
+
 def check_config(cfg):
     choices = dict(image_input=('pixels', 'latents'), gate=('kv', 'hidden', 'off'))
     for name, allowed in choices.items():
@@ -433,7 +436,7 @@ def main(argv=None):
               f"(gates: {common.count_params(model.decoder.gates or nn.Module()) / 1e3:.1f}K)")
     if cfg.eval_only:
         path = cfg.init_from or out / 'ckpt.pt'
-        restore_into(common.load_checkpoint(path, METHOD), model, path)
+        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
             print(common.write_metrics(cfg, evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')))
         return
@@ -442,9 +445,9 @@ def main(argv=None):
     common.seed_rank(cfg, run)
     start = 0
     if cfg.resume:
-        start = restore_into(common.load_checkpoint(out / 'ckpt.pt', METHOD), model, out / 'ckpt.pt', optimizer)
+        start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:
-        restore_into(common.load_checkpoint(cfg.init_from, METHOD), model, cfg.init_from)
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
                               image_input=cfg.image_input)
     batches = train_batches(train_set, cfg.batch_size, partial(collate, tokenizer=tokenizer, max_len=cfg.max_len),
@@ -493,15 +496,6 @@ def main(argv=None):
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)
-
-
-def restore_into(state, model, path, optimizer=None):
-    """common.restore, with a checkpoint of another shape (other --gate, --image_input, backbones) as a UserError."""
-    try:
-        return common.restore(state, model, optimizer)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path} does not fit this model; were --gate / --image_input / --latent_layers or the "
-                        f"backbones different? ({str(e).splitlines()[0][:200]})") from None
 
 
 if __name__ == '__main__':

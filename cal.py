@@ -71,6 +71,9 @@ PRESETS = {
 }
 
 
+SHAPE_FLAGS = '--llm / --vision_model / --image_size'  # what a checkpoint must match
+
+
 def check_config(cfg):
     if cfg.stage not in ('1', '2', 'both') or cfg.cal_pool not in ('flat', 'sample'):
         raise UserError(f"--stage '{cfg.stage}' must be 1, 2 or both and --cal_pool '{cfg.cal_pool}' flat or sample")
@@ -397,7 +400,7 @@ def main(argv=None):
     total = s1 + (cfg.max_steps if cfg.stage != '1' else 0)
     if cfg.eval_only:
         path = cfg.init_from or out / 'ckpt.pt'
-        restore_into(common.load_checkpoint(path, METHOD), model, path)
+        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
             print(common.write_metrics(cfg, evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')))
         return
@@ -405,10 +408,10 @@ def main(argv=None):
     state, start = None, 0
     noise_sums = torch.zeros(4)                                                   # w_noisy, n_noisy, w_visual, n_visual
     if cfg.resume:
-        state = restore_into(common.load_checkpoint(out / 'ckpt.pt', METHOD), model, out / 'ckpt.pt')
+        state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         start, noise_sums = state['step'], state['noise_sums']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
-        restore_into(common.load_checkpoint(cfg.init_from, METHOD), model, cfg.init_from)
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     common.seed_rank(cfg, run)
     logger = common.Logger(replace(cfg, max_steps=total), run, start)
     collate_fn = partial(collate_rows, tokenizer=tokenizer, cfg=cfg, n_image=model.n_image)
@@ -421,7 +424,7 @@ def main(argv=None):
         schedule = replace(cfg, lr=cfg.stage1_lr if stage == 1 else cfg.lr, max_steps=last - first)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
         if state is not None and state['stage'] == stage:  # (a checkpoint from the end of stage 1 gave its weights)
-            restore_into(state, model, out / 'ckpt.pt', optimizer)
+            common.restore(state, model, optimizer, out / 'ckpt.pt', SHAPE_FLAGS)
         # DDP syncs what requires grad when it is built: the projector in stage 1, projector + LLM in stage 2
         trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         model.train()
@@ -472,16 +475,6 @@ def main(argv=None):
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)
-
-
-def restore_into(state, model, path, optimizer=None):
-    """common.restore (the frozen tower included), with a checkpoint of another shape as a UserError."""
-    try:
-        common.restore(state, model, optimizer)
-    except (RuntimeError, ValueError) as e:
-        raise UserError(f"{path} does not fit this model; were --llm / --vision_model / --image_size "
-                        f"different? ({str(e).splitlines()[0][:200]})") from None
-    return state
 
 
 if __name__ == '__main__':

@@ -314,13 +314,26 @@ def load_checkpoint(path, method, map_location='cpu'):
     return state
 
 
-def restore(state, model, optimizer=None):
-    """Put a checkpoint back: weights, and for --resume the optimizer and the RNG streams."""
-    unwrap(model).load_state_dict(state['model'])
+def restore(state, model, optimizer=None, path='the checkpoint', flags='the model sizes or backbones'):
+    """Put a checkpoint back: weights, and for --resume the optimizer and the RNG streams -> its step. A checkpoint
+    of another shape is a UserError that names the file and the flags that decide the shapes."""
+    try:
+        unwrap(model).load_state_dict(state['model'])
+        if optimizer is not None:
+            optimizer.load_state_dict(state['optimizer'])
+    except (RuntimeError, ValueError) as e:
+        raise UserError(f"{path} does not fit this model; were {flags} different? "
+                        f"({str(e).splitlines()[0][:200]})") from None
     if optimizer is not None:
-        optimizer.load_state_dict(state['optimizer'])
         _set_rng_state(state['rng'])
     return state['step']
+
+
+def load_into(path, method, model, optimizer=None, flags='the model sizes or backbones'):
+    """load_checkpoint + restore -> the checkpoint (its extra entries, e.g. a stage, stay readable)."""
+    state = load_checkpoint(path, method)
+    restore(state, model, optimizer, path, flags)
+    return state
 
 
 def check_finite(loss, step, cfg):

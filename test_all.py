@@ -2062,3 +2062,9 @@ def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, 
 def test_cal_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         cal.main(CAL_TINY + ['--out_dir', str(tmp_path)] + argv)
+
+
+def test_a_checkpoint_of_another_shape_names_the_file_and_the_flags(tiny_backbones, tmp_path):
+    bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path)])
+    with pytest.raises(UserError, match=r'ckpt.pt does not fit this model; were --gate / --image_input'):
+        bgs.main(BGS_TINY + ['--gate', 'off', '--eval_only', 'true', '--out_dir', str(tmp_path)])
