@@ -257,8 +257,9 @@ def cal_weights(delta, answer, cfg):
 
 def answer_loss(model, trainable, batch, cfg, use_cal):
     """Next-token CE on the answer tokens; with CAL weighted by cal_weights: sum(w * CE) / sum(w over answers).
-    -> dict(loss, and with CAL: delta (mean Δo on answers), at_alpha / at_beta (fractions clamped there), and the
-    weight sums on corrupted / clean visual answer tokens for the noise study)."""
+    -> dict(loss, and with CAL: delta (mean Δo on answers), at_alpha / at_beta (fractions clamped there), and
+    `weight_sums` (6,): the weight summed over, and the count of, all answer tokens, the corrupted ones and the
+    clean visual ones (the noise study)."""
     mask, labels, start = batch['attention_mask'], batch['labels'], batch['image_start']
     logits, x = trainable(batch['input_ids'], batch['image'], start, mask)       # (B, L, V), (B, L, H)
     logits = logits[:, :-1]                                                       # (B, T, V): predicts token t + 1
@@ -272,9 +273,9 @@ def answer_loss(model, trainable, batch, cfg, use_cal):
         w = cal_weights(delta, answer, cfg)                                       # (B, T)
     loss = (w * ce).sum() / (w[answer].sum() + 1e-6)
     noisy, visual = batch['noise_mask'][:, 1:], batch['visual_mask'][:, 1:] & ~batch['noise_mask'][:, 1:]
+    sums = torch.stack([t for group in (answer, noisy, visual) for t in (w[group].sum(), group.sum().float())])
     return dict(loss=loss, delta=delta[answer].mean(), at_alpha=(delta[answer] <= cfg.cal_alpha).float().mean(),
-                at_beta=(delta[answer] >= cfg.cal_beta).float().mean(), w_noisy=w[noisy].sum(),
-                n_noisy=noisy.sum().float(), w_visual=w[visual].sum(), n_visual=visual.sum().float())
+                at_beta=(delta[answer] >= cfg.cal_beta).float().mean(), weight_sums=sums)
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -368,14 +369,16 @@ def training_rows(cfg, stage, world):
     return Mixture(captions, QuestionRows(world, 'train')) if stage == 2 and world is not None else captions
 
 
-def cal_overhead(model, trainable, batch, cfg, steps=5):
+def cal_overhead(model, trainable, batch, cfg, run, steps=5):
     """Time per training step (forward + backward) with CAL / without CAL - 1, on the same batch in this process
     (the paper: about +22% for LLaVA-NeXT on 16 A100s). Gradients are discarded: nothing is trained."""
     seconds = {}
     for use_cal in (False, True, False, True):  # twice each, the first round warms up
         start = time.perf_counter()
         for _ in range(steps):
-            answer_loss(model, trainable, batch, cfg, use_cal)['loss'].backward()
+            with run.autocast():
+                loss = answer_loss(model, trainable, batch, cfg, use_cal)['loss']
+            loss.backward()
         seconds[use_cal] = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return seconds[True] / seconds[False] - 1
@@ -406,10 +409,10 @@ def main(argv=None):
         return
 
     state, start = None, 0
-    noise_sums = torch.zeros(4)                                                   # w_noisy, n_noisy, w_visual, n_visual
+    weight_sums = torch.zeros(6)  # CAL's weight summed and counted on answers, corrupted ones, clean visual ones
     if cfg.resume:
         state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
-        start, noise_sums = state['step'], state['noise_sums']
+        start, weight_sums = state['step'], state['weight_sums']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     common.seed_rank(cfg, run)
@@ -432,7 +435,7 @@ def main(argv=None):
                                 start_step=(max(first, start) - first) * cfg.grad_accum, num_workers=cfg.num_workers,
                                 rank=run.rank, world_size=run.world_size, max_bad_images=cfg.max_bad_images)
         save = lambda step: run.is_main and common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step,
-                                                                   cfg, stage=stage, noise_sums=noise_sums)
+                                                                   cfg, stage=stage, weight_sums=weight_sums)
         for step in range(max(first, start), last):
             lr = common.lr_at(step - first, schedule)
             common.set_lr(optimizer, lr)
@@ -449,8 +452,7 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if use_cal:
-                noise_sums += torch.stack([losses.pop(k).detach().float().cpu()
-                                           for k in ('w_noisy', 'n_noisy', 'w_visual', 'n_visual')])
+                weight_sums += losses.pop('weight_sums').detach().float().cpu()
             logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
             if cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0 and step + 1 < last:
                 logger.pause()
@@ -466,11 +468,10 @@ def main(argv=None):
     if run.is_main:
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         if cfg.stage != '1':
-            metrics['cal_overhead'] = cal_overhead(model, trainable, batch, cfg)
-        if noise_sums[1] > 0:   # the mean CAL weight on corrupted answer tokens, and on clean visual ones
-            metrics['cal_weight_noisy'] = (noise_sums[0] / noise_sums[1]).item()
-        if noise_sums[3] > 0:
-            metrics['cal_weight_visual'] = (noise_sums[2] / noise_sums[3]).item()
+            metrics['cal_overhead'] = cal_overhead(model, trainable, batch, cfg, run)
+        for name, (total, count) in zip(('mean', 'noisy', 'visual'), weight_sums.view(3, 2).tolist()):
+            if count:  # the mean CAL weight in training: all answer tokens, corrupted ones, clean visual ones
+                metrics[f'cal_weight_{name}'] = total / count
         print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group

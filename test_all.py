@@ -2012,8 +2012,9 @@ def test_cal_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbon
         assert (tmp_path / name).is_file(), name
     metrics = json.loads((tmp_path / 'metrics.json').read_text())
     assert {'bleu4', 'rouge_l', 'cider', 'blind_cider', 'vqa_acc', 'blind_vqa_acc', 'vqa_acc_color', 'delta_auroc',
-            'cal_overhead', 'cal_weight_noisy', 'cal_weight_visual', 'train_samples_per_s', 'peak_mem_mb',
-            'train_seconds'} <= set(metrics)
+            'cal_overhead', 'cal_weight_mean', 'cal_weight_noisy', 'cal_weight_visual', 'train_samples_per_s',
+            'peak_mem_mb', 'train_seconds'} <= set(metrics)
+    assert metrics['cal_weight_mean'] >= 1 and metrics['cal_weight_noisy'] >= 1   # weights are clamped to [1, 5]
     rows = read_log(tmp_path)
     assert [r['step'] for r in rows] == list(range(1, 7)) and {'delta', 'at_alpha', 'at_beta'} <= set(rows[0])
     assert json.loads((tmp_path / 'config.json').read_text())['caption_noise'] == 0.5
@@ -2033,7 +2034,7 @@ def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, t
     for stop_at in (2, 5):  # in stage 1, and in stage 2
         resumed = interrupted_then_resumed(cal.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
         assert_same_weights(straight['model'], resumed['model'])
-        assert torch.equal(straight['noise_sums'], resumed['noise_sums'])
+        assert torch.equal(straight['weight_sums'], resumed['weight_sums'])
 
 
 def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, tmp_path):
