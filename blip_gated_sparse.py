@@ -65,7 +65,7 @@ REAL = dict(vision_backbone='google/vit-base-patch16-224-in21k', text_backbone='
 PRESETS = {
     'shapes': dict(batch_size=64, max_steps=1200, lr=5e-4, warmup_steps=100, weight_decay=0.05, eval_every=200,
                    log_every=20),
-    'coco': REAL, 'json': REAL,
+    'coco': REAL, 'flickr30k': REAL, 'json': REAL,
 }
 
 
