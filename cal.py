@@ -61,9 +61,9 @@ REAL = dict(vision_model='openai/clip-vit-large-patch14-336', llm='Qwen/Qwen2.5-
             stage1_steps=2170, stage1_lr=1e-3, max_steps=5200, lr=2e-5, batch_size=16, grad_accum=1, max_len=512,
             warmup_steps=150, weight_decay=0.0, grad_clip=1.0, image_text='Image:',
             caption_prompt='Describe the image briefly.', log_every=20, grad_checkpointing=True)
-# LLaVA-1.5: stage 1 batch 256 x 2,170 steps (558K), stage 2 batch 128 x 5,200 steps (665K); here 16 per GPU x
-# 8 GPUs x grad_accum (2 for stage 2 at 128, 2 for stage 1 at 256 with --batch_size 32). Real runs see captions
-# in both stages (LLaVA's instruction mix is not a captions folder).
+# LLaVA-1.5: stage 1 global batch 256 x 2,170 steps (558K), stage 2 batch 128 x 5,200 steps (665K). Here 16 per GPU
+# x 8 GPUs = 128, stage 2's batch (stage 1 alone at 256: --stage 1 --grad_accum 2). Real runs see captions in both
+# stages (LLaVA's instruction mix is not a captions folder).
 PRESETS = {
     'shapes': dict(batch_size=32, stage1_steps=300, max_steps=600, lr=5e-4, warmup_steps=30, weight_decay=0.0,
                    log_every=20),
@@ -88,6 +88,13 @@ def check_config(cfg):
 
 # ----------------------------------------------------------------------------- data: rows of (image, prompt, answer)
 
+def text_before_image(tokenizer, text):
+    """The tokens before the image: `text` with the LM's own start (Llama's <s>, the built-in's [CLS]; Qwen adds
+    none), without an end token the tokenizer may append."""
+    ids = tokenizer(text).input_ids
+    return ids[:-1] if ids and ids[-1] in (tokenizer.eos_token_id, tokenizer.sep_token_id) else ids
+
+
 class QuestionRows(Dataset):
     """ShapesWorld's questions as rows: item k is question k % 6 of image k // 6 (an image with 5 questions asks
     its first again). Items: image, question, answer, kind, noise_word (-1 or the wrong word's index)."""
@@ -108,16 +115,17 @@ class QuestionRows(Dataset):
 
 
 class Mixture(Dataset):
-    """Stage 2 on ShapesWorld: captions and questions interleaved one to one."""
+    """Stage 2 on ShapesWorld: captions and questions interleaved one to one (the shorter part cycles)."""
 
     def __init__(self, *parts):
-        self.parts, self.n = parts, min(len(p) for p in parts)
+        self.parts, self.n = parts, max(len(p) for p in parts)
 
     def __len__(self):
         return self.n * len(self.parts)
 
     def __getitem__(self, k):
-        return self.parts[k % len(self.parts)][k // len(self.parts)]
+        part = self.parts[k % len(self.parts)]
+        return part[(k // len(self.parts)) % len(part)]
 
 
 def collate_rows(items, tokenizer, cfg, n_image):
@@ -131,7 +139,7 @@ def collate_rows(items, tokenizer, cfg, n_image):
         return dict(n_bad=len(items))
     items, n_bad = readable, len(items) - len(readable)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    before = tokenizer(cfg.image_text, add_special_tokens=False).input_ids
+    before = text_before_image(tokenizer, cfg.image_text)
     prompts = tokenizer([item.get('question', cfg.caption_prompt) for item in items], add_special_tokens=False)
     answers = tokenizer([item.get('answer', item.get('caption')) for item in items], add_special_tokens=False)
     visual_ids = set(tokenizer.convert_tokens_to_ids([w for w in VISUAL_WORDS if w in tokenizer.get_vocab()]))
@@ -148,7 +156,7 @@ def collate_rows(items, tokenizer, cfg, n_image):
     for b, (row, (start, answer, noisy)) in enumerate(zip(rows, spans)):
         out['input_ids'][b, :len(row)] = torch.tensor(row)
         out['attention_mask'][b, :len(row)] = 1
-        if items[b]['image'] is None:  # a text-only row keeps the slot, hidden: the code's no-image pass, always
+        if items[b]['image'] is None:  # a text-only row (image None): the slot stays, hidden from attention
             out['attention_mask'][b, len(before):len(before) + n_image] = 0
         out['labels'][b, start:len(row)] = torch.tensor(row[start:])
         out['noise_mask'][b, start:start + len(answer)] = torch.tensor(noisy[:len(answer)], dtype=torch.bool)
@@ -175,7 +183,7 @@ class VLM(nn.Module):
         self.n_special = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1  # [CLS] (+ DeiT's dist)
         with torch.no_grad():
             self.n_image = self.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
-        if not tokenizer(cfg.image_text, add_special_tokens=False).input_ids:
+        if not tokenizer(cfg.image_text, add_special_tokens=False).input_ids:  # a BOS alone would not do
             raise UserError(f"--image_text '{cfg.image_text}' gives no token; the image must not come first")
 
     def train(self, mode=True):  # the tower is frozen: no dropout, ever
@@ -235,7 +243,9 @@ def target_logit_gain(model, x, mask, start, logits, targets):
     T, N = targets.shape[1], model.n_image
     index = targets.clamp(min=0)[..., None]                                       # (B, T, 1)
     with_image = logits.gather(-1, index).squeeze(-1).float()                     # (B, T)
-    text = torch.cat([torch.arange(start), torch.arange(start + N, T)]).to(x.device)  # shifted text positions
+    # the text positions that predict a next token; in the no-image pass they are its first len(text) positions
+    # (its last one predicts past the end, as the full pass's last one does)
+    text = torch.cat([torch.arange(start), torch.arange(start + N, T)]).to(x.device)
     without = model.logits_without_image(x, mask, start)[:, :len(text)]           # (B, len(text), V)
     delta = torch.zeros_like(with_image)
     delta[:, text] = with_image[:, text] - without.gather(-1, index[:, text]).squeeze(-1).float()
@@ -264,8 +274,9 @@ def answer_loss(model, trainable, batch, cfg, use_cal):
     logits, x = trainable(batch['input_ids'], batch['image'], start, mask)       # (B, L, V), (B, L, H)
     logits = logits[:, :-1]                                                       # (B, T, V): predicts token t + 1
     targets = labels[:, 1:]                                                       # (B, T)
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction='none').view(targets.shape)
     answer = targets != -100
+    ce = torch.zeros(targets.shape, device=logits.device)  # fp32 CE on the answer positions only (a 152k vocab
+    ce[answer] = F.cross_entropy(logits[answer].float(), targets[answer], reduction='none')  # makes B*T*V big)
     if not use_cal:
         return dict(loss=ce.sum() / answer.sum())
     with torch.no_grad():
@@ -289,7 +300,9 @@ def evaluate(model, cfg, split, run, world, png=None):
     dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
                             max_images=cfg.eval_images)
     predictions, blind, references, deltas, visual = {}, {}, {}, [], []
-    for batch in eval_loader(dataset, cfg.batch_size, lambda items: items):
+    for batch in eval_loader(dataset, cfg.batch_size, lambda items: [item for item in items if item is not None]):
+        if not batch:  # every image of this batch unreadable (warned about)
+            continue
         images = torch.stack([item['image'] for item in batch]).to(device)
         prompts = [cfg.caption_prompt] * len(batch)
         for item, caption, caption_blind in zip(batch, model.generate(images, prompts),
@@ -369,16 +382,20 @@ def training_rows(cfg, stage, world):
     return Mixture(captions, QuestionRows(world, 'train')) if stage == 2 and world is not None else captions
 
 
-def cal_overhead(model, trainable, batch, cfg, run, steps=5):
+def cal_overhead(model, batch, cfg, run, steps=5):
     """Time per training step (forward + backward) with CAL / without CAL - 1, on the same batch in this process
-    (the paper: about +22% for LLaVA-NeXT on 16 A100s). Gradients are discarded: nothing is trained."""
+    (the paper: about +22% for LLaVA-NeXT on 16 A100s). The bare model (no DDP: rank 0 alone runs this); the
+    gradients are discarded: nothing is trained."""
     seconds = {}
+    sync = torch.cuda.synchronize if run.device.type == 'cuda' else lambda: None
     for use_cal in (False, True, False, True):  # twice each, the first round warms up
+        sync()
         start = time.perf_counter()
         for _ in range(steps):
             with run.autocast():
-                loss = answer_loss(model, trainable, batch, cfg, use_cal)['loss']
+                loss = answer_loss(model, model, batch, cfg, use_cal)['loss']
             loss.backward()
+        sync()
         seconds[use_cal] = time.perf_counter() - start
     model.zero_grad(set_to_none=True)
     return seconds[True] / seconds[False] - 1
@@ -418,16 +435,20 @@ def main(argv=None):
     common.seed_rank(cfg, run)
     logger = common.Logger(replace(cfg, max_steps=total), run, start)
     collate_fn = partial(collate_rows, tokenizer=tokenizer, cfg=cfg, n_image=model.n_image)
+    trainable, batch = None, None
     for stage, first, last in ((1, 0, s1), (2, s1, total)):
         if last <= max(first, start):
             continue
+        trainable = None  # stage 1's DDP wrapper goes before stage 2's is built
         module = model.projector if stage == 1 else nn.ModuleList([model.projector, model.llm])
         model.llm.requires_grad_(stage == 2)                                      # stage 1: the LLM is frozen
         use_cal = cfg.cal and str(stage) in cfg.cal_stages.split(',')
         schedule = replace(cfg, lr=cfg.stage1_lr if stage == 1 else cfg.lr, max_steps=last - first)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
-        if state is not None and state['stage'] == stage:  # (a checkpoint from the end of stage 1 gave its weights)
+        if state is not None and state['stage'] == stage:  # + this stage's optimizer and the RNG streams
             common.restore(state, model, optimizer, out / 'ckpt.pt', SHAPE_FLAGS)
+        elif state is not None and start == first:  # resumed at the end of stage 1: its weights, and the RNG
+            common.set_rng_state(state['rng'])
         # DDP syncs what requires grad when it is built: the projector in stage 1, projector + LLM in stage 2
         trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         model.train()
@@ -447,12 +468,12 @@ def main(argv=None):
                     losses = answer_loss(model, trainable, batch, cfg, use_cal)
                 common.check_finite(losses['loss'], step, cfg)
                 (losses['loss'] / cfg.grad_accum).backward()
+                if use_cal:
+                    weight_sums += losses.pop('weight_sums').detach().float().cpu()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if use_cal:
-                weight_sums += losses.pop('weight_sums').detach().float().cpu()
             logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
             if cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0 and step + 1 < last:
                 logger.pause()
@@ -467,8 +488,8 @@ def main(argv=None):
     logger.pause()
     if run.is_main:
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
-        if cfg.stage != '1':
-            metrics['cal_overhead'] = cal_overhead(model, trainable, batch, cfg, run)
+        if cfg.stage != '1' and batch is not None:
+            metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
         for name, (total, count) in zip(('mean', 'noisy', 'visual'), weight_sums.view(3, 2).tolist()):
             if count:  # the mean CAL weight in training: all answer tokens, corrupted ones, clean visual ones
                 metrics[f'cal_weight_{name}'] = total / count

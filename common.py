@@ -277,7 +277,7 @@ def _rng_state():
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
 
 
-def _set_rng_state(state):
+def set_rng_state(state):
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -325,7 +325,7 @@ def restore(state, model, optimizer=None, path='the checkpoint', flags='the mode
         raise UserError(f"{path} does not fit this model; were {flags} different? "
                         f"({str(e).splitlines()[0][:200]})") from None
     if optimizer is not None:
-        _set_rng_state(state['rng'])
+        set_rng_state(state['rng'])
     return state['step']
 
 

@@ -1987,14 +1987,23 @@ def test_text_only_rows_get_weight_1(tiny_backbones, pool):
     assert delta[0][targets[0] != -100].abs().max() > 1e-3                       # an image row's are not
 
 
-def test_stage_1_trains_the_projector_only(tiny_backbones, tmp_path):
-    cal.main(CAL_TINY + ['--stage', '1', '--out_dir', str(tmp_path)])
+def test_stage_1_trains_the_projector_only_and_stage_2_the_llm_too(tiny_backbones, tmp_path):
     before = cal_model(tiny_backbones).state_dict()
-    after = torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model']
-    for key in before:
-        if key.startswith(('llm.', 'vision.')):
-            assert torch.equal(before[key], after[key]), key
-    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith('projector.'))
+    changed = lambda after, prefix: [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+    cal.main(CAL_TINY + ['--stage', '1', '--out_dir', str(tmp_path / 'one')])
+    after = torch.load(tmp_path / 'one' / 'ckpt.pt', weights_only=True)['model']
+    assert not changed(after, 'llm.') and not changed(after, 'vision.') and changed(after, 'projector.')
+    cal.main(CAL_TINY + ['--stage', 'both', '--out_dir', str(tmp_path / 'both')])
+    after = torch.load(tmp_path / 'both' / 'ckpt.pt', weights_only=True)['model']
+    assert changed(after, 'llm.') and not changed(after, 'vision.') and changed(after, 'projector.')
+
+
+def test_the_llm_start_token_comes_before_the_image_and_no_end_token(tiny_backbones):
+    model = cal_model(tiny_backbones)
+    rows = cal_rows(model, n=1)
+    tok = model.tokenizer
+    assert tok.convert_ids_to_tokens(rows['input_ids'][0, :rows['image_start']].tolist()) == ['[CLS]', 'image', ':']
+    assert cal.text_before_image(tok, 'image :') == rows['input_ids'][0, :3].tolist()
 
 
 def test_batched_left_padded_generation_equals_one_by_one(tiny_backbones):
@@ -2021,7 +2030,7 @@ def test_cal_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbon
 
 
 def test_cal_loss_falls(tiny_backbones, tmp_path):
-    cal.main(CAL_TINY + ['--out_dir', str(tmp_path), '--stage', '2', '--max_steps', '30', '--lr', '1e-3',
+    cal.main(CAL_TINY + ['--out_dir', str(tmp_path), '--stage', '2', '--max_steps', '40', '--lr', '2e-3',
                          '--batch_size', '8', '--eval_images', '2'])
     losses = [r['loss'] for r in read_log(tmp_path)]
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
@@ -2031,7 +2040,7 @@ def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, t
     argv = CAL_TINY + ['--eval_every', '2', '--eval_images', '2', '--caption_noise', '0.3']
     cal.main(argv + ['--out_dir', str(tmp_path / 'straight')])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
-    for stop_at in (2, 5):  # in stage 1, and in stage 2
+    for stop_at in (2, 3, 5):  # in stage 1, at its end, and in stage 2
         resumed = interrupted_then_resumed(cal.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
         assert_same_weights(straight['model'], resumed['model'])
         assert torch.equal(straight['weight_sums'], resumed['weight_sums'])
