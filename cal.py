@@ -370,7 +370,7 @@ def draw(model, cfg, image, caption, device, path):
     common.render_tokens(image, [
         (f'CAL weight / {cfg.cal_beta:g} (clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}], window {cfg.cal_window})',
          [(t, v / cfg.cal_beta, m) for t, v, m in zip(tokens, w[answer].tolist(), marked)]),
-        ('Δo: logit gain from the image', [(t, max(v, 0) / cfg.cal_beta, m)
+        ('delta o: the logit gain from the image', [(t, max(v, 0) / cfg.cal_beta, m)
                                           for t, v, m in zip(tokens, delta[answer].tolist(), marked)]),
     ], str(path), title=f'{METHOD} (--cal {str(cfg.cal).lower()}): test image 0', mark_label='visual word')
 
