@@ -1765,16 +1765,16 @@ def test_greedy_generation_equals_decoding_by_hand_and_beam_search_with_the_cach
         tiny_backbones):
     model = blip(tiny_backbones, '--max_new_tokens', '8', '--min_new_tokens', '2', '--sparsity', '0.5')
     perturb_gates(model)
-    model.decoder.lm_head.decoder.bias.data[model.eos_id] += 4                   # captions of different lengths
-    image = model.encode_image(torch.randn(6, 3, 64, 64))
+    torch.nn.init.normal_(model.decoder.lm_head.dense.weight, std=0.2)          # the few-step backbone says 'a'
+    image = model.encode_image(torch.randn(16, 3, 64, 64))
     with torch.no_grad():
         by_hand = greedy_blip_by_hand(model, image, 8)
         greedy = [model.tokenizer.decode(r[:(r == model.eos_id).nonzero()[0, 0] if (r == model.eos_id).any() else 8],
                                          skip_special_tokens=True) for r in by_hand]
         assert model.generate(image, num_beams=1) == greedy
-        beams = model.generate(image, num_beams=3)                               # reorders the cache every step
-        assert beams == model.generate(image, num_beams=3, kv_cache=False)
-    assert len({len(c.split()) for c in beams}) > 1 and beams != greedy          # EOS ended some beams early
+        beams = model.generate(image, num_beams=4)                               # reorders the cache every step
+        assert beams == model.generate(image, num_beams=4, kv_cache=False)
+    assert len({len(c.split()) for c in beams}) > 1 and len(set(' '.join(beams).split())) >= 3, beams  # varied
 
 
 def test_latent_encoder_takes_any_grid_and_names_a_bad_latent_shape():
