@@ -413,8 +413,7 @@ def draw(model, cfg, raw, caption, device, path):
     where = 'self' in sparse_places(cfg) and cfg.sparsity > 0
     rows.append((f'after top-k, sparsity {cfg.sparsity} (marked: dropped by every head)' if where else
                  'top-k is off in self-attention (--sparsity 0 or --sparse_in cross): the same as dense',
-                 [(w, p / peak, d > 0 and s == 0) for w, p, d, s in
-                  zip(words, sparse_row.tolist(), dense_row.tolist(), sparse_row.tolist())]))
+                 [(w, s / peak, d > 0 and s == 0) for w, d, s in zip(words, dense_row.tolist(), sparse_row.tolist())]))
     common.render_tokens(raw[:3], rows, str(path), title=f'{METHOD}: test image 0 (--image_input {cfg.image_input})',
                          mark_label='dropped by top-k')
 
