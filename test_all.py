@@ -33,6 +33,7 @@ from transformers import (BertConfig, BertForMaskedLM, BertLMHeadModel, BertMode
 
 REPO = Path(__file__).resolve().parent
 
+import backbones
 import common
 import data
 from common import (CLIP_MEAN, CLIP_STD, PAD, PANEL_W, Attention, BertLayer, RunConfig, VisionTransformer,
@@ -1028,21 +1029,21 @@ def test_render_tokens_undoes_clip_normalisation_of_tensors(tmp_path):
 def builtin_backbones(tmp_path_factory):
     """The three shapes-tiny backbones, pretrained for a few steps only, in a temporary backbone folder."""
     folder = tmp_path_factory.mktemp('backbones')
-    for name in common.BUILTIN_BACKBONES:
-        common.builtin_backbone(name, cache_dir=folder, steps=3)
+    for name in backbones.BUILTIN_BACKBONES:
+        backbones.builtin_backbone(name, cache_dir=folder, steps=3)
     return folder
 
 
 def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pretrained(builtin_backbones,
                                                                                          monkeypatch):
-    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     vision = common.load_backbone('shapes-tiny-vision', 'vision')
     text = common.load_backbone('shapes-tiny-text', 'mlm')
     lm = common.load_backbone('shapes-tiny-lm', 'lm')
     assert (type(vision).__name__, type(text).__name__, type(lm).__name__) == \
         ('ViTModel', 'BertForMaskedLM', 'Qwen2ForCausalLM')
     quality = {name: json.loads((builtin_backbones / name / 'quality.json').read_text())
-               for name in common.BUILTIN_BACKBONES}
+               for name in backbones.BUILTIN_BACKBONES}
     assert set(quality['shapes-tiny-vision']) == {'val_attribute_acc', 'val_presence_acc', 'steps', 'seconds'}
     assert 0 <= quality['shapes-tiny-text']['val_mlm_acc'] <= 100 and quality['shapes-tiny-lm']['val_perplexity'] > 1
     words = 'describe the picture : a red circle ?'
@@ -1053,7 +1054,7 @@ def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pr
 
 def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_states(builtin_backbones,
                                                                                      monkeypatch):
-    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
     images = torch.stack([world.transform(world.image('val', i)) for i in range(4)])
     hf_vision = common.load_backbone('shapes-tiny-vision', 'vision').eval()
@@ -1078,7 +1079,7 @@ def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_st
     ('shapes-tiny-lm', 'vision', "is a qwen2 model, which is not a vision backbone"),
 ])
 def test_backbone_mistakes_get_one_clear_message(builtin_backbones, monkeypatch, name, kind, message):
-    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     with pytest.raises(UserError, match=message):
         common.load_backbone(name, kind)
 
@@ -1096,7 +1097,7 @@ def test_a_backbone_folder_without_model_or_tokenizer_files_is_named(tmp_path):
 def tiny_backbones(builtin_backbones, monkeypatch, tmp_path_factory):
     """Method runs load their shapes-tiny backbones from the few-step fixture folder, and score captions without
     Java (METEOR's JVM takes seconds per call; the metrics themselves are tested with and without Java above)."""
-    monkeypatch.setattr(common, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     monkeypatch.setenv('PATH', str(tmp_path_factory.mktemp('no_java')))
     return builtin_backbones
 
