@@ -2079,3 +2079,45 @@ def test_a_checkpoint_of_another_shape_names_the_file_and_the_flags(tiny_backbon
     bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path)])
     with pytest.raises(UserError, match=r'ckpt.pt does not fit this model; were --gate / --image_input'):
         bgs.main(BGS_TINY + ['--gate', 'off', '--eval_only', 'true', '--out_dir', str(tmp_path)])
+
+
+def test_blip_label_smoothing_latent_scale_and_latent_layers_change_the_computation(tiny_backbones):
+    model = blip(tiny_backbones)
+    ids, mask, labels = model.tokenize(['a small red circle'])
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        smoothed = model(images, ids, mask, labels)
+        model.cfg = replace(model.cfg, label_smoothing=0.0)
+        assert not torch.isclose(smoothed, model(images, ids, mask, labels))
+    latent = blip(tiny_backbones, '--image_input', 'latents', '--latent_layers', '3')
+    assert len(latent.image_encoder.blocks) == 3
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        a = latent.encode_image(z)
+        latent.cfg = replace(latent.cfg, latent_scale=0.13025)
+        assert not torch.allclose(a, latent.encode_image(z))
+        torch.testing.assert_close(latent.encode_image(z), latent.image_encoder(z * 0.13025))
+
+
+def test_cal_window_clamp_bounds_and_vision_layer_change_the_computation(tiny_backbones):
+    delta = torch.tensor([[0.0, 2.0, 7.0, 3.0, 4.0]])
+    answer = torch.ones_like(delta, dtype=torch.bool)
+    cfg = replace(cal.Config(), cal_pool='sample')
+    w1 = cal.cal_weights(delta, answer, replace(cfg, cal_window=1))
+    assert w1.tolist() == [[1.0, 2.0, 5.0, 3.0, 4.0]]                            # window 1: clamp only
+    assert cal.cal_weights(delta, answer, replace(cfg, cal_window=1, cal_alpha=2.5, cal_beta=3.5)).tolist() == \
+        [[2.5, 2.5, 3.5, 3.0, 3.5]]
+    torch.testing.assert_close(cal.cal_weights(delta, answer, replace(cfg, cal_window=5))[0, 2], torch.tensor(3.0))
+    images = torch.randn(2, 3, 64, 64)
+    last, penultimate = cal_model(tiny_backbones, '--vision_layer', '-1'), cal_model(tiny_backbones)
+    assert not torch.allclose(last.vision_features(images), penultimate.vision_features(images))
+
+
+def test_cal_stages_and_the_caption_prompt_reach_the_training_rows(tiny_backbones, tmp_path):
+    model = cal_model(tiny_backbones, '--caption_prompt', 'describe the picture .')
+    rows = cal_rows(model, n=1)
+    start = rows['image_start'] + model.n_image
+    assert model.tokenizer.decode(rows['input_ids'][0, start:start + 4]) == 'describe the picture .'
+    cal.main(CAL_TINY + ['--cal_stages', '2', '--out_dir', str(tmp_path)])
+    logged = read_log(tmp_path)
+    assert all('delta' not in r for r in logged[:3]) and all('delta' in r for r in logged[3:])   # CAL in stage 2
