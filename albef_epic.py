@@ -1,23 +1,27 @@
 """
-albef_epic.py — ALBEF (align before fuse) with EPIC's per image-token consistency, and its efficient variant.
+albef_epic.py — ALBEF (align before fuse) with EPIC's per image-token consistency, and its
+efficient variant.
 
-Papers: ALBEF, "Align before Fuse", Li et al., NeurIPS 2021, arXiv 2107.07651 (code: salesforce/ALBEF);
-        EPIC, "Leveraging per Image-Token Consistency for Vision-Language Pre-training", Gou et al., CVPR 2023,
-        arXiv 2211.15398 (no official code). Decisions taken where no source fixes them: specs/albef_epic.md.
+Papers: ALBEF, "Align before Fuse", Li et al., NeurIPS 2021, arXiv 2107.07651
+        (code: salesforce/ALBEF);
+        EPIC, "Leveraging per Image-Token Consistency for Vision-Language Pre-training",
+        Gou et al., CVPR 2023, arXiv 2211.15398 (no official code).
+        Decisions taken where no source fixes them: specs/albef_epic.md.
 
-The idea in three sentences. ALBEF aligns an image encoder and a text encoder with a contrastive loss (ITA) against
-a queue of a momentum teacher's features before a fusion encoder cross-attends from text to image, and trains the
-fusion with image-text matching on hard negatives (ITM) and masked language modelling (MLM), distilling the
-teacher's soft targets into both. A vision-language model can still learn to predict a masked word from the rest of
-the caption alone; EPIC therefore masks the words that matter most for matching this image (the teacher's
-saliency), lets a small text-only language model write plausible but image-inconsistent replacements, and trains a
-head to say, token by token, whether each word of the corrupted caption is consistent with the image (ITC).
+The idea in three sentences. ALBEF aligns an image encoder and a text encoder with a contrastive
+loss (ITA) against a queue of a momentum teacher's features before a fusion encoder cross-attends
+from text to image, and trains the fusion with image-text matching on hard negatives (ITM) and
+masked language modelling (MLM), distilling the teacher's soft targets into both. A vision-language
+model can still learn to predict a masked word from the rest of the caption alone; EPIC therefore
+masks the words that matter most for matching this image (the teacher's saliency), lets a small
+text-only language model write plausible but image-inconsistent replacements, and trains a head to
+say, token by token, whether each word of the corrupted caption is consistent with the image (ITC).
 
-    python albef_epic.py                                  # ShapesWorld, EPIC with saliency masking, CPU, minutes
-    python albef_epic.py --epic none                      # plain ALBEF (the ablation's first row)
-    python albef_epic.py --epic random                    # consistency task on randomly chosen tokens
-    python albef_epic.py --prune_keep 0.5                 # E-PITC: the consistency pass sees the top 50% patches
-    python albef_epic.py --data coco --data_root /data/coco       # DeiT-B/16 + BERT-base 6+6, 256 px
+    python albef_epic.py                    # ShapesWorld, EPIC with saliency masking, CPU, minutes
+    python albef_epic.py --epic none        # plain ALBEF (the ablation's first row)
+    python albef_epic.py --epic random      # consistency task on randomly chosen tokens
+    python albef_epic.py --prune_keep 0.5   # E-PITC: the consistency pass sees the top 50% patches
+    python albef_epic.py --data coco --data_root /data/coco   # DeiT-B/16 + BERT-base 6+6, 256 px
     torchrun --standalone --nproc_per_node=8 albef_epic.py --data coco --data_root /data/coco
 """
 import copy
@@ -31,10 +35,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import common
-from common import padding_mask
-from data import ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader, train_batches, \
-    true_pairs, visual_token_mask
+from backbones import padding_mask
+from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader,
+                  train_batches, true_pairs, visual_token_mask)
 
 METHOD = 'albef_epic'
 
@@ -42,46 +47,62 @@ METHOD = 'albef_epic'
 
 @dataclass
 class Config(common.RunConfig):
-    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP vision checkpoint: HF id, path or built-in name
-    text_backbone: str = 'shapes-tiny-text'      # BERT masked-LM checkpoint: first layers encode text, last layers fuse
-    fusion_layers: int = 2          # last BERT layers that get cross-attention to the image (ALBEF: 6 of 12)
+    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP vision checkpoint:
+                                                 # HF id, path or built-in name
+    text_backbone: str = 'shapes-tiny-text'      # BERT masked-LM checkpoint: first layers
+                                                 # encode text, last layers fuse
+    fusion_layers: int = 2          # last BERT layers that get cross-attention to the image
+                                    # (ALBEF: 6 of 12)
     image_size: int = 64            # pixels (position embeddings are interpolated to the grid)
     max_len: int = 32               # caption tokens
     embed_dim: int = 256            # ITA projection width
-    temp: float = 0.07              # initial contrastive temperature (learnable, clamped to [0.001, 0.5])
-    temp_lr: float = 1e-4           # the temperature's peak lr: ALBEF's, whatever --lr is (at 1e-3 it falls too fast)
+    temp: float = 0.07              # initial contrastive temperature
+                                    # (learnable, clamped to [0.001, 0.5])
+    temp_lr: float = 1e-4           # the temperature's peak lr: ALBEF's, whatever --lr is
+                                    # (at 1e-3 it falls too fast)
     queue_size: int = 4096          # momentum features kept as extra negatives (ALBEF: 65,536)
     momentum: float = 0.995         # EMA rate of the teacher
     alpha: float = 0.4              # weight of the teacher's soft targets in ITA and MLM
-    alpha_warmup_steps: int = 500   # alpha ramps linearly from 0 over these steps (ALBEF: the first epoch)
-    multi_positive: bool = True     # same image id (or identical caption text) = positive, in batch and queue
-    hard_negative_warmup: int = 0   # ITM negatives go from uniform to ALBEF's similarity-weighted over these steps
+    alpha_warmup_steps: int = 500   # alpha ramps linearly from 0 over these steps
+                                    # (ALBEF: the first epoch)
+    multi_positive: bool = True     # same image id (or identical caption text) = positive,
+                                    # in batch and queue
+    hard_negative_warmup: int = 0   # ITM negatives go from uniform to ALBEF's
+                                    # similarity-weighted over these steps
     mlm_prob: float = 0.15          # MLM masking rate (80% [MASK] / 10% random / 10% kept)
-    epic: str = 'saliency'          # none (plain ALBEF) | random | saliency: which tokens the generator rewrites
-    saliency: str = 'attention'     # attention (teacher's fused [CLS] -> token) | necessity (what the image adds)
+    epic: str = 'saliency'          # none (plain ALBEF) | random | saliency:
+                                    # which tokens the generator rewrites
+    saliency: str = 'attention'     # attention (teacher's fused [CLS] -> token)
+                                    # | necessity (what the image adds)
     mask_ratio: float = 0.35        # EPIC rewrites ceil(mask_ratio * n) tokens of an n-word caption
     lambda_itc: float = 8.0         # weight of the consistency loss
-    generator_layers: int = 2       # depth of the text-only generator (the text backbone's first layers)
-    prune_keep: float = 1.0         # E-PITC: fraction of image patches the consistency pass attends to (1 = all)
-    k_test: int = 16                # retrieval: ITM re-ranks the top-k ITA candidates (ALBEF: 256 COCO, 128 Flickr)
+    generator_layers: int = 2       # depth of the text-only generator
+                                    # (the text backbone's first layers)
+    prune_keep: float = 1.0         # E-PITC: fraction of image patches the consistency pass
+                                    # attends to (1 = all)
+    k_test: int = 16                # retrieval: ITM re-ranks the top-k ITA candidates
+                                    # (ALBEF: 256 COCO, 128 Flickr)
     eval_images: int = 0            # val / test images evaluated (0 = all: 1,000 on ShapesWorld)
-    grad_clip: float = 0.0          # ALBEF does not clip gradients (a clip at 1 would scale its ~20-norm steps down)
+    grad_clip: float = 0.0          # ALBEF does not clip gradients
+                                    # (a clip at 1 would scale its ~20-norm steps down)
 
 
-REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='bert-base-uncased', fusion_layers=6,
-            image_size=256, max_len=40, queue_size=65536, batch_size=64, lr=1e-4, weight_decay=0.02,
-            warmup_steps=2000, max_steps=100_000, alpha_warmup_steps=2000, k_test=256, log_every=50,
-            eval_every=5000, grad_checkpointing=True)
-PRESETS = {  # shapes: ~10.5 minutes on 2 CPU cores. A run this short wants a short queue (the teacher's features go
-    # stale within a few steps: a 1,024 queue cost 17 rmean), a high lr, and ITM negatives that become hard only once
-    # ITM has learned the easy ones (hard negatives from step 0 kept ITM at chance).
-    'shapes': dict(batch_size=64, max_steps=1150, lr=1e-3, warmup_steps=100, queue_size=256, hard_negative_warmup=400,
-                   log_every=20),
+REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='bert-base-uncased',
+            fusion_layers=6, image_size=256, max_len=40, queue_size=65536, batch_size=64, lr=1e-4,
+            weight_decay=0.02, warmup_steps=2000, max_steps=100_000, alpha_warmup_steps=2000,
+            k_test=256, log_every=50, eval_every=5000, grad_checkpointing=True)
+PRESETS = {  # shapes: ~10.5 minutes on 2 CPU cores. A run this short wants a short queue (the
+    # teacher's features go stale within a few steps: a 1,024 queue cost 17 rmean), a high lr, and
+    # ITM negatives that become hard only once ITM has learned the easy ones (hard negatives from
+    # step 0 kept ITM at chance).
+    'shapes': dict(batch_size=64, max_steps=1150, lr=1e-3, warmup_steps=100, queue_size=256,
+                   hard_negative_warmup=400, log_every=20),
     'coco': REAL, 'flickr30k': dict(REAL, k_test=128), 'json': REAL,
 }
 
 
-SHAPE_FLAGS = '--epic / --embed_dim / --queue_size / --fusion_layers or the backbones'  # what a checkpoint must match
+# what a checkpoint must match
+SHAPE_FLAGS = '--epic / --embed_dim / --queue_size / --fusion_layers or the backbones'
 
 
 def check_config(cfg):
@@ -90,31 +111,35 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name} '{getattr(cfg, name)}' is not one of {', '.join(allowed)}")
     if not 0 < cfg.prune_keep <= 1 or not 0 < cfg.mask_ratio <= 1:
-        raise UserError(f"--prune_keep ({cfg.prune_keep}) and --mask_ratio ({cfg.mask_ratio}) are fractions in (0, 1]")
+        raise UserError(f"--prune_keep ({cfg.prune_keep}) and --mask_ratio ({cfg.mask_ratio}) "
+                        f"are fractions in (0, 1]")
     if cfg.batch_size < 2:
-        raise UserError("--batch_size must be >= 2: ITM draws each hard negative from the rest of the batch")
+        raise UserError("--batch_size must be >= 2: "
+                        "ITM draws each hard negative from the rest of the batch")
 
-# ----------------------------------------------------------------------------- model
+# ----------------------------------------------------------------------------- modules
 
 class ALBEF(nn.Module):
-    """Image encoder (ViT), text encoder (the first BERT layers), fusion encoder (the last BERT layers with new
-    cross-attention to the image tokens), ITA projections, ITM head and the BERT MLM head. The momentum teacher is a
-    second copy of this module."""
+    """Image encoder (ViT), text encoder (the first BERT layers), fusion encoder (the last BERT
+    layers with new cross-attention to the image tokens), ITA projections, ITM head and the BERT
+    MLM head. The momentum teacher is a second copy of this module."""
 
     def __init__(self, cfg, vision_hf, text_hf):
         super().__init__()
-        self.visual_encoder = common.vit_from_hf(vision_hf, cfg.image_size)
+        self.visual_encoder = backbones.vit_from_hf(vision_hf, cfg.image_size)
         self.visual_encoder.grad_checkpointing = cfg.grad_checkpointing
         n_layers, d_image = text_hf.config.num_hidden_layers, vision_hf.config.hidden_size
         if not 0 < cfg.fusion_layers < n_layers:
-            raise UserError(f"--fusion_layers {cfg.fusion_layers}: the text backbone has {n_layers} layers, and both "
-                            f"the text and the fusion encoder need at least one")
+            raise UserError(f"--fusion_layers {cfg.fusion_layers}: the text backbone has "
+                            f"{n_layers} layers, and both the text and the fusion encoder "
+                            f"need at least one")
         first_fusion = n_layers - cfg.fusion_layers
-        self.embeddings, layers, self.mlm_head, _ = common.bert_from_hf(
+        self.embeddings, layers, self.mlm_head, _ = backbones.bert_from_hf(
             text_hf, cross_layers=range(first_fusion, n_layers), cross_dim=d_image)
         self.text_layers, self.fusion_layers = layers[:first_fusion], layers[first_fusion:]
         d_text = text_hf.config.hidden_size
-        self.vision_proj, self.text_proj = nn.Linear(d_image, cfg.embed_dim), nn.Linear(d_text, cfg.embed_dim)
+        self.vision_proj = nn.Linear(d_image, cfg.embed_dim)
+        self.text_proj = nn.Linear(d_text, cfg.embed_dim)
         self.itm_head = nn.Linear(d_text, 2)
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.grad_checkpointing = cfg.grad_checkpointing
@@ -125,20 +150,21 @@ class ALBEF(nn.Module):
     def encode_text(self, ids, mask):  # (B, L) -> (B, L, Dt), text layers only (no image)
         x, attn_mask = self.embeddings(ids), padding_mask(mask)
         for layer in self.text_layers:
-            x = common.checkpointed(layer, x, attn_mask, on=self.grad_checkpointing)
+            x = backbones.checkpointed(layer, x, attn_mask, on=self.grad_checkpointing)
         return x
 
     def fuse(self, text, mask, image, return_attn=False):
-        """Fusion layers: text (B, L, Dt) cross-attends to image tokens (B, M, Dv) -> (B, L, Dt); with return_attn
-        also the per-layer (self-attention, cross-attention) probabilities (B, heads, L, L) and (B, heads, L, M).
-        image=None runs the fusion layers on text alone (cross-attention skipped)."""
+        """Fusion layers: text (B, L, Dt) cross-attends to image tokens (B, M, Dv) -> (B, L, Dt);
+        with return_attn also the per-layer (self-attention, cross-attention) probabilities
+        (B, heads, L, L) and (B, heads, L, M). image=None runs the fusion layers on text alone
+        (cross-attention skipped)."""
         x, attn_mask, attns = text, padding_mask(mask), []
         for layer in self.fusion_layers:
             if return_attn:
                 x, probs = layer(x, attn_mask, image, return_attn=True)
                 attns.append(probs)
             else:
-                x = common.checkpointed(layer, x, attn_mask, image, on=self.grad_checkpointing)
+                x = backbones.checkpointed(layer, x, attn_mask, image, on=self.grad_checkpointing)
         return (x, attns) if return_attn else x
 
     def image_feature(self, image_embeds):  # (B, 1+N, Dv) -> (B, E) unit vectors from [CLS]
@@ -147,49 +173,183 @@ class ALBEF(nn.Module):
     def text_feature(self, text_embeds):  # (B, L, Dt) -> (B, E)
         return F.normalize(self.text_proj(text_embeds[:, 0]), dim=-1)
 
-    def itm_logit(self, image_embeds, text_embeds, mask):  # paired rows -> (B,) ITM score of "match" (ALBEF's)
+    def itm_logit(self, image_embeds, text_embeds, mask):
+        # paired rows -> (B,) ITM score of "match" (ALBEF's)
         return self.itm_head(self.fuse(text_embeds, mask, image_embeds)[:, 0])[:, 1]
 
 
 class Generator(nn.Module):
-    """EPIC's auxiliary masked LM over text alone (with the image it would write image-consistent words that the
-    labels call inconsistent). A small BERT made of the text backbone's first layers and its MLM head transform; it
-    reads the student's token embeddings and scores the vocabulary against the student's word embeddings, which it
-    shares (as ELECTRA's generator does), so it owns only its layers and head."""
+    """EPIC's auxiliary masked LM over text alone (with the image it would write image-consistent
+    words that the labels call inconsistent). A small BERT made of the text backbone's first layers
+    and its MLM head transform; it reads the student's token embeddings and scores the vocabulary
+    against the student's word embeddings, which it shares (as ELECTRA's generator does), so it
+    owns only its layers and head."""
 
     def __init__(self, cfg, text_hf):
         super().__init__()
-        _, layers, head, _ = common.bert_from_hf(text_hf)
+        _, layers, head, _ = backbones.bert_from_hf(text_hf)
         self.layers = layers[:cfg.generator_layers]
-        self.dense, self.act, self.norm, self.bias = head.dense, head.act, head.norm, head.decoder.bias
+        self.dense, self.act, self.norm = head.dense, head.act, head.norm
+        self.bias = head.decoder.bias
 
-    def forward(self, x, mask, word_embeddings):  # x (B, L, D) embedded masked caption -> logits (B, L, V)
+    def forward(self, x, mask, word_embeddings):
+        # x (B, L, D) embedded masked caption -> logits (B, L, V)
         for layer in self.layers:
             x = layer(x, padding_mask(mask))
         return F.linear(self.norm(self.act(self.dense(x))), word_embeddings, self.bias)
 
 
+# -------------------------------------------------------------------------- losses and their pieces
+
+def own_columns(B):
+    """The columns of this rank's own batch in the gathered [W*B ; queue] bank."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    return slice(rank * B, (rank + 1) * B)
+
+
+def text_keys(ids, mask):
+    """(B, L) -> (B,) a 31-bit key per caption text (crc32 of its token ids): identical texts
+    share a key."""
+    return torch.tensor([zlib.crc32(row[m].numpy().tobytes()) & 0x7FFFFFFF
+                         for row, m in zip(ids.cpu(), mask.cpu().bool())])
+
+
+def pair_labels(batch, world):
+    """What the loss needs to know about which pairs of a batch match, beyond its own pairs: a key
+    per caption text (identical texts are positives) and, on ShapesWorld, which captions are true
+    of which images (a caption of another image that is true of this one must not be drawn as its
+    ITM negative)."""
+    batch['text_key'] = text_keys(batch['input_ids'], batch['attention_mask'])
+    if world is not None:
+        scenes = [world.scene('train', i) for i in batch['index'].tolist()]
+        batch['true_pairs'] = true_pairs(batch['caption'], scenes)
+    return batch
+
+
+def positive_mask(image_id, text_key, bank_id, bank_key, multi_positive):
+    """(B,) queries against (K,) bank entries -> (B, K) float: 1 for the query's own pair in the
+    gathered batch, and with multi_positive for every entry of the same image or with identical
+    caption text."""
+    B = len(image_id)
+    own = torch.zeros(B, len(bank_id), device=image_id.device)
+    own[torch.arange(B), own_columns(B).start + torch.arange(B)] = 1
+    if not multi_positive:
+        return own
+    same = (image_id[:, None] == bank_id[None]) | (text_key[:, None] == bank_key[None])
+    return torch.maximum(own, same.float())
+
+
+def ita_targets(sims_m, positives, alpha):
+    """ALBEF's distilled contrastive targets: alpha * softmax(teacher similarities)
+    + (1 - alpha) * the positives spread evenly. sims_m, positives: (B, K) -> (B, K) rows that
+    sum to 1."""
+    return (alpha * F.softmax(sims_m, dim=1)
+            + (1 - alpha) * positives / positives.sum(1, keepdim=True))
+
+
+def soft_cross_entropy(logits, targets):  # (B, K) logits, (B, K) target distributions -> mean CE
+    return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
+
+
+def sample_negatives(sims, same, eps=1e-6):
+    """One hard negative per row: drawn from softmax(sims) (B, B) with the row's positives (same
+    image or text) excluded; the eps keeps every real negative drawable. A row with no negative in
+    the local batch (every other row shows its image or a caption true of it) falls back to any
+    other row. Needs B >= 2."""
+    weights = (F.softmax(sims, dim=1) + eps).masked_fill(same.bool(), 0)
+    none_left = weights.sum(1) == 0
+    weights[none_left] = 1 - torch.eye(len(sims), device=sims.device)[none_left]
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def mask_tokens(ids, maskable, mask_id, special_ids, vocab_size, prob):
+    """BERT masking: each maskable token is chosen with probability prob; chosen tokens become
+    [MASK] (80%), a random non-special token (10%) or stay (10%).
+    -> (masked ids, labels with -100 on the tokens not chosen)."""
+    chosen = maskable & (torch.rand(ids.shape, device=ids.device) < prob)
+    labels = ids.masked_fill(~chosen, -100)
+    draw = torch.rand(ids.shape, device=ids.device)
+    masked = ids.masked_fill(chosen & (draw < 0.8), mask_id)
+    random_ids = torch.randint(vocab_size, ids.shape, device=ids.device)
+    while torch.isin(random_ids, special_ids).any():  # redraw specials; a few rounds at most
+        random_ids = torch.where(torch.isin(random_ids, special_ids),
+                                 torch.randint_like(random_ids, vocab_size), random_ids)
+    return torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, masked), labels
+
+
+def distilled_mlm_loss(logits, logits_m, labels, alpha):
+    """(1 - alpha) * CE(labels) + alpha * CE(teacher's distribution), over the masked tokens
+    (0 when none is)."""
+    chosen = labels != -100
+    if not chosen.any():
+        return logits.sum() * 0
+    ce = F.cross_entropy(logits[chosen].float(), labels[chosen])
+    teacher_probs = F.softmax(logits_m[chosen].float(), dim=-1)
+    distill = soft_cross_entropy(logits[chosen].float(), teacher_probs)
+    return (1 - alpha) * ce + alpha * distill
+
+
+def top_fraction(scores, allowed, fraction):
+    """(B, L) -> bool mask of the ceil(fraction * n) highest-scoring allowed tokens per row
+    (n = allowed per row, at least 1 when n >= 1)."""
+    n = allowed.sum(1, keepdim=True)                                            # (B, 1)
+    k = torch.clamp((fraction * n).ceil(), min=1).minimum(n)
+    best_first = scores.masked_fill(~allowed, -math.inf).argsort(1, descending=True)
+    rank = best_first.argsort(1)                                                # 0 = best
+    return allowed & (rank < k)
+
+
+@torch.no_grad()
+def rewrite(ids, chosen, gen_logits, special_ids):
+    """Replace the chosen tokens (B, L) by samples from the generator's logits (B, L, V) at
+    temperature 1 (not argmax: plausible words, often wrong for this image; never a special
+    token). -> (corrupted ids (B, L), consistency labels (B, L) float: 1 where the token equals the
+    original, including a chosen token re-drawn as itself)."""
+    logits = gen_logits[chosen].float().index_fill(-1, special_ids, -math.inf)  # (n_chosen, V)
+    corrupted = ids.masked_scatter(chosen, torch.distributions.Categorical(logits=logits).sample())
+    return corrupted, (corrupted == ids).float()
+
+
+def prune_patches(image_embeds, attns, mask, keep):
+    """E-PITC: keep [CLS] and the top ceil(keep * N) patches by the teacher's text->patch
+    cross-attention mass (mean over layers and heads, summed over the caption's tokens).
+    (B, 1+N, Dv) -> (B, 1+k, Dv)."""
+    mass = torch.stack([cross for _, cross in attns]).mean((0, 2))           # (B, L, 1+N)
+    mass = (mass * mask[..., None]).sum(1)[:, 1:]                             # (B, N) patches only
+    k = math.ceil(keep * mass.shape[1])
+    cls_index = torch.zeros_like(mass[:, :1], dtype=torch.long)
+    index = torch.cat([cls_index, mass.topk(k, dim=1).indices + 1], 1)
+    return image_embeds.gather(1, index[..., None].expand(-1, -1, image_embeds.shape[-1]))
+
+# ------------------------------------------------------------------------ the model: ALBEF + EPIC
+
 class AlbefEpic(nn.Module):
-    """The student ALBEF, its momentum teacher, the feature queues, and (unless --epic none) EPIC's generator and
-    consistency head. forward(batch) -> the training losses."""
+    """The student ALBEF, its momentum teacher, the feature queues, and (unless --epic none) EPIC's
+    generator and consistency head. forward(batch) -> the training losses."""
 
     def __init__(self, cfg, vision_hf, text_hf, tokenizer):
         super().__init__()
         self.cfg = cfg
         self.student = ALBEF(cfg, vision_hf, text_hf)
-        self.teacher = copy.deepcopy(self.student).requires_grad_(False)  # EMA copy, never trained by gradients
-        self.register_buffer('image_queue', F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=-1))
-        self.register_buffer('text_queue', F.normalize(torch.randn(cfg.queue_size, cfg.embed_dim), dim=-1))
-        self.register_buffer('id_queue', torch.full((cfg.queue_size,), -1, dtype=torch.long))   # image ids
-        self.register_buffer('key_queue', torch.full((cfg.queue_size,), -1, dtype=torch.long))  # caption text keys
+        # EMA copy, never trained by gradients
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False)
+        queue_shape = (cfg.queue_size, cfg.embed_dim)
+        self.register_buffer('image_queue', F.normalize(torch.randn(queue_shape), dim=-1))
+        self.register_buffer('text_queue', F.normalize(torch.randn(queue_shape), dim=-1))
+        # image ids, then caption text keys
+        self.register_buffer('id_queue', torch.full((cfg.queue_size,), -1, dtype=torch.long))
+        self.register_buffer('key_queue', torch.full((cfg.queue_size,), -1, dtype=torch.long))
         self.register_buffer('queue_ptr', torch.zeros((), dtype=torch.long))
+        self.tokenizer = tokenizer
         self.register_buffer('special_ids', torch.tensor(sorted(tokenizer.all_special_ids)))
         self.mask_id, self.cls_id = tokenizer.mask_token_id, tokenizer.cls_token_id
         if cfg.epic != 'none':
             self.generator = Generator(cfg, text_hf)
-            self.consistency_head = nn.Linear(text_hf.config.hidden_size, 1)  # itc_head: D_i = sigmoid(logit_i)
+            # itc_head: D_i = sigmoid(logit_i)
+            self.consistency_head = nn.Linear(text_hf.config.hidden_size, 1)
 
-    def train(self, mode=True):  # the teacher stays in eval mode (no dropout), as ALBEF's momentum model
+    def train(self, mode=True):
+        # the teacher stays in eval mode (no dropout), as ALBEF's momentum model
         super().train(mode)
         self.teacher.eval()
         return self
@@ -200,14 +360,16 @@ class AlbefEpic(nn.Module):
             p_t.mul_(self.cfg.momentum).add_(p_s.detach(), alpha=1 - self.cfg.momentum)
 
     @torch.no_grad()
-    def enqueue(self, image_feat, text_feat, image_id, text_key):  # gathered (W*B, ...) from every rank
+    def enqueue(self, image_feat, text_feat, image_id, text_key):
+        # gathered (W*B, ...) from every rank
         n, ptr = len(image_feat), int(self.queue_ptr)
         for queue, new in ((self.image_queue, image_feat), (self.text_queue, text_feat),
                            (self.id_queue, image_id), (self.key_queue, text_key)):
             queue[ptr:ptr + n] = new
         self.queue_ptr.fill_((ptr + n) % self.cfg.queue_size)
 
-    def candidates(self, ids, mask):  # (B, L) -> bool: real words (not PAD / CLS / SEP / other specials)
+    def candidates(self, ids, mask):
+        # (B, L) -> bool: real words (not PAD / CLS / SEP / other specials)
         return mask.bool() & ~torch.isin(ids, self.special_ids)
 
     def forward(self, batch, alpha, hardness=1.0):
@@ -218,41 +380,57 @@ class AlbefEpic(nn.Module):
             S.temp.clamp_(0.001, 0.5)
         image_embeds = S.encode_image(images)                                   # (B, 1+N, Dv)
         text_embeds = S.encode_text(ids, mask)                                  # (B, L, Dt)
-        image_feat, text_feat = S.image_feature(image_embeds), S.text_feature(text_embeds)  # (B, E)
+        image_feat = S.image_feature(image_embeds)                              # (B, E)
+        text_feat = S.text_feature(text_embeds)                                 # (B, E)
 
-        # ---- ITA: online features against [momentum features of the global batch ; queue], distilled targets
+        # ---- ITA: online features against [momentum features of the global batch ; queue],
+        # distilled targets
         with torch.no_grad():
             self.momentum_update()
             image_embeds_m, text_embeds_m = T.encode_image(images), T.encode_text(ids, mask)
-            image_feat_m, text_feat_m = T.image_feature(image_embeds_m), T.text_feature(text_embeds_m)
-            gathered = [common.all_gather(x) for x in (image_feat_m, text_feat_m, batch['image_id'], batch['text_key'])]
+            image_feat_m = T.image_feature(image_embeds_m)
+            text_feat_m = T.text_feature(text_embeds_m)
+            to_gather = (image_feat_m, text_feat_m, batch['image_id'], batch['text_key'])
+            gathered = [common.all_gather(x) for x in to_gather]
             image_bank = torch.cat([gathered[0], self.image_queue])             # (W*B + Q, E)
             text_bank = torch.cat([gathered[1], self.text_queue])
-            positives = positive_mask(batch['image_id'], batch['text_key'], torch.cat([gathered[2], self.id_queue]),
-                                      torch.cat([gathered[3], self.key_queue]), cfg.multi_positive)  # (B, W*B + Q)
+            bank_id = torch.cat([gathered[2], self.id_queue])
+            bank_key = torch.cat([gathered[3], self.key_queue])
+            positives = positive_mask(batch['image_id'], batch['text_key'], bank_id, bank_key,
+                                      cfg.multi_positive)                       # (B, W*B + Q)
             i2t_targets = ita_targets(image_feat_m @ text_bank.T / S.temp, positives, alpha)
             t2i_targets = ita_targets(text_feat_m @ image_bank.T / S.temp, positives, alpha)
-        sim_i2t, sim_t2i = image_feat @ text_bank.T / S.temp, text_feat @ image_bank.T / S.temp  # (B, W*B + Q)
-        loss_ita = (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+        sim_i2t = image_feat @ text_bank.T / S.temp                             # (B, W*B + Q)
+        sim_t2i = text_feat @ image_bank.T / S.temp                             # (B, W*B + Q)
+        loss_i2t = soft_cross_entropy(sim_i2t, i2t_targets)
+        loss_t2i = soft_cross_entropy(sim_t2i, t2i_targets)
+        loss_ita = (loss_i2t + loss_t2i) / 2
 
-        # ---- ITM: the positive pair, a hard negative image per text and a hard negative text per image
+        # ---- ITM: the positive pair, a hard negative image per text and a hard negative text
+        # per image
         own = own_columns(B)
         with torch.no_grad():
-            true = positives[:, own].bool()                                     # (B images, B texts): no negatives
-            if 'true_pairs' in batch:                                           # ShapesWorld: the grammar decides
+            # (B images, B texts): no negatives
+            true = positives[:, own].bool()
+            if 'true_pairs' in batch:  # ShapesWorld: the grammar decides
                 true |= batch['true_pairs']
-            neg_image = sample_negatives(hardness * sim_t2i[:, own].float(), true.T)   # (B,) for each text
-            neg_text = sample_negatives(hardness * sim_i2t[:, own].float(), true)      # (B,) for each image
-        itm_logits = S.itm_head(S.fuse(torch.cat([text_embeds, text_embeds, text_embeds[neg_text]]),
-                                       torch.cat([mask, mask, mask[neg_text]]),
-                                       torch.cat([image_embeds, image_embeds[neg_image], image_embeds]))[:, 0])
+            t2i_own = hardness * sim_t2i[:, own].float()                    # (B texts, B images)
+            neg_image = sample_negatives(t2i_own, true.T)                   # (B,) for each text
+            i2t_own = hardness * sim_i2t[:, own].float()                    # (B images, B texts)
+            neg_text = sample_negatives(i2t_own, true)                      # (B,) for each image
+        itm_text = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])  # (3B, L, Dt)
+        itm_mask = torch.cat([mask, mask, mask[neg_text]])
+        itm_image = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
+        itm_logits = S.itm_head(S.fuse(itm_text, itm_mask, itm_image)[:, 0])
         itm_labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(ids.device)
         loss_itm = F.cross_entropy(itm_logits, itm_labels)
 
         # ---- MLM with the teacher's distribution distilled in
-        masked_ids, labels = mask_tokens(ids, self.candidates(ids, mask), self.mask_id, self.special_ids,
-                                         S.mlm_head.decoder.out_features, cfg.mlm_prob)
-        logits = S.mlm_head(S.fuse(S.encode_text(masked_ids, mask), mask, image_embeds))   # (B, L, V)
+        vocab_size = S.mlm_head.decoder.out_features
+        masked_ids, labels = mask_tokens(ids, self.candidates(ids, mask), self.mask_id,
+                                         self.special_ids, vocab_size, cfg.mlm_prob)
+        masked_text = S.encode_text(masked_ids, mask)
+        logits = S.mlm_head(S.fuse(masked_text, mask, image_embeds))            # (B, L, V)
         with torch.no_grad():
             logits_m = T.mlm_head(T.fuse(T.encode_text(masked_ids, mask), mask, image_embeds_m))
         loss_mlm = distilled_mlm_loss(logits, logits_m, labels, alpha)
@@ -267,11 +445,13 @@ class AlbefEpic(nn.Module):
         return losses
 
     def epic_losses(self, batch, image_embeds, text_embeds_m, image_embeds_m):
-        """Salient tokens -> masked -> the generator samples replacements (L_gen) -> the consistency head labels
-        every token of the corrupted caption consistent or not, against the image (L_itc)."""
+        """Salient tokens -> masked -> the generator samples replacements (L_gen) -> the
+        consistency head labels every token of the corrupted caption consistent or not, against
+        the image (L_itc)."""
         cfg, S = self.cfg, self.student
         ids, mask = batch['input_ids'], batch['attention_mask']
-        words = self.candidates(ids, mask)                                      # (B, L) maskable tokens
+        # (B, L) maskable tokens
+        words = self.candidates(ids, mask)
         with torch.no_grad():
             if cfg.epic == 'saliency' or cfg.prune_keep < 1:
                 _, attns = self.teacher.fuse(text_embeds_m, mask, image_embeds_m, return_attn=True)
@@ -279,154 +459,57 @@ class AlbefEpic(nn.Module):
                 scores = self.saliency(ids, mask, image_embeds_m, attns)
             else:  # --epic random: the same number of tokens, chosen uniformly
                 scores = torch.rand(ids.shape, device=ids.device)
-            chosen = top_fraction(scores, words, cfg.mask_ratio)                # (B, L) tokens to rewrite
+            # (B, L) tokens to rewrite
+            chosen = top_fraction(scores, words, cfg.mask_ratio)
         gen_logits = self.generator(S.embeddings(ids.masked_fill(chosen, self.mask_id)), mask,
                                     S.embeddings.word.weight)                   # (B, L, V)
         loss_gen = F.cross_entropy(gen_logits[chosen], ids[chosen])
         corrupted, consistent = rewrite(ids, chosen, gen_logits.detach(), self.special_ids)
-        context = image_embeds if cfg.prune_keep == 1 else prune_patches(image_embeds, attns, mask, cfg.prune_keep)
+        context = (image_embeds if cfg.prune_keep == 1
+                   else prune_patches(image_embeds, attns, mask, cfg.prune_keep))
         fused = S.fuse(S.encode_text(corrupted, mask), mask, context)           # (B, L, Dt)
         itc_logits = self.consistency_head(fused).squeeze(-1)                   # (B, L)
-        labelled = mask.bool() & (ids != self.cls_id)                           # every token but [CLS] and pads
+        # every token but [CLS] and pads
+        labelled = mask.bool() & (ids != self.cls_id)
         loss_itc = F.binary_cross_entropy_with_logits(itc_logits[labelled], consistent[labelled])
         return dict(itc=loss_itc, gen=loss_gen, replaced=1 - consistent[words].mean().detach())
 
     @torch.no_grad()
     def saliency(self, ids, mask, image_embeds_m, attns=None):
         """(B, L) how much each token matters for matching this image, by the teacher.
-        attention: the attention that the fused [CLS] pays to each token in the fusion self-attention, mean over
-        heads and layers (not a token's cross-attention mass: every softmax row sums to 1, so that is constant).
-        necessity: CE(token | caption with it masked, no image) - CE(token | same, with the image)."""
+        attention: the attention that the fused [CLS] pays to each token in the fusion
+        self-attention, mean over heads and layers (not a token's cross-attention mass: every
+        softmax row sums to 1, so that is constant).
+        necessity: CE(token | caption with it masked, no image) - CE(token | same, with the
+        image)."""
         T = self.teacher
         if self.cfg.saliency == 'attention':
             if attns is None:
                 _, attns = T.fuse(T.encode_text(ids, mask), mask, image_embeds_m, return_attn=True)
-            return torch.stack([self_probs[:, :, 0] for self_probs, _ in attns]).mean((0, 2))  # (B, L)
+            cls_attention = [self_probs[:, :, 0] for self_probs, _ in attns]   # (B, heads, L) each
+            return torch.stack(cls_attention).mean((0, 2))                     # (B, L)
         B, L = ids.shape
         eye = torch.eye(L, dtype=torch.bool, device=ids.device)
-        masked = ids[:, None].masked_fill(eye, self.mask_id).flatten(0, 1)      # (B*L, L): copy j masks token j
+        # (B*L, L): copy j masks token j
+        masked = ids[:, None].masked_fill(eye, self.mask_id).flatten(0, 1)
         rep_mask = mask.repeat_interleave(L, 0)
         text = T.encode_text(masked, rep_mask)
         ce = []
         for image in (None, image_embeds_m.repeat_interleave(L, 0)):
-            hidden = T.fuse(text, rep_mask, image).view(B, L, L, -1)[:, torch.arange(L), torch.arange(L)]  # (B, L, D)
-            ce.append(F.cross_entropy(T.mlm_head(hidden).flatten(0, 1).float(), ids.flatten(), reduction='none'))
+            fused = T.fuse(text, rep_mask, image).view(B, L, L, -1)            # (B, copy, L, D)
+            hidden = fused[:, torch.arange(L), torch.arange(L)]                 # (B, L, D)
+            logits = T.mlm_head(hidden).flatten(0, 1).float()                   # (B*L, V)
+            ce.append(F.cross_entropy(logits, ids.flatten(), reduction='none'))
         return (ce[0] - ce[1]).view(B, L)
-
-# ----------------------------------------------------------------------------- losses and their pieces
-
-def own_columns(B):
-    """The columns of this rank's own batch in the gathered [W*B ; queue] bank."""
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    return slice(rank * B, (rank + 1) * B)
-
-
-def pair_labels(batch, world):
-    """What the loss needs to know about which pairs of a batch match, beyond its own pairs: a key per caption text
-    (identical texts are positives) and, on ShapesWorld, which captions are true of which images (a caption of
-    another image that is true of this one must not be drawn as its ITM negative)."""
-    batch['text_key'] = text_keys(batch['input_ids'], batch['attention_mask'])
-    if world is not None:
-        batch['true_pairs'] = true_pairs(batch['caption'], [world.scene('train', i) for i in batch['index'].tolist()])
-    return batch
-
-
-def text_keys(ids, mask):
-    """(B, L) -> (B,) a 31-bit key per caption text (crc32 of its token ids): identical texts share a key."""
-    return torch.tensor([zlib.crc32(row[m].numpy().tobytes()) & 0x7FFFFFFF
-                         for row, m in zip(ids.cpu(), mask.cpu().bool())])
-
-
-def positive_mask(image_id, text_key, bank_id, bank_key, multi_positive):
-    """(B,) queries against (K,) bank entries -> (B, K) float: 1 for the query's own pair in the gathered batch, and
-    with multi_positive for every entry of the same image or with identical caption text."""
-    B = len(image_id)
-    own = torch.zeros(B, len(bank_id), device=image_id.device)
-    own[torch.arange(B), own_columns(B).start + torch.arange(B)] = 1
-    if not multi_positive:
-        return own
-    same = (image_id[:, None] == bank_id[None]) | (text_key[:, None] == bank_key[None])
-    return torch.maximum(own, same.float())
-
-
-def ita_targets(sims_m, positives, alpha):
-    """ALBEF's distilled contrastive targets: alpha * softmax(teacher similarities) + (1 - alpha) * the positives
-    spread evenly. sims_m, positives: (B, K) -> (B, K) rows that sum to 1."""
-    return alpha * F.softmax(sims_m, dim=1) + (1 - alpha) * positives / positives.sum(1, keepdim=True)
-
-
-def soft_cross_entropy(logits, targets):  # (B, K) logits, (B, K) target distributions -> mean CE
-    return -(F.log_softmax(logits, dim=1) * targets).sum(1).mean()
-
-
-def sample_negatives(sims, same, eps=1e-6):
-    """One hard negative per row: drawn from softmax(sims) (B, B) with the row's positives (same image or text)
-    excluded; the eps keeps every real negative drawable. A row with no negative in the local batch (every other
-    row shows its image or a caption true of it) falls back to any other row. Needs B >= 2."""
-    weights = (F.softmax(sims, dim=1) + eps).masked_fill(same.bool(), 0)
-    none_left = weights.sum(1) == 0
-    weights[none_left] = 1 - torch.eye(len(sims), device=sims.device)[none_left]
-    return torch.multinomial(weights, 1).squeeze(1)
-
-
-def mask_tokens(ids, maskable, mask_id, special_ids, vocab_size, prob):
-    """BERT masking: each maskable token is chosen with probability prob; chosen tokens become [MASK] (80%), a random
-    non-special token (10%) or stay (10%). -> (masked ids, labels with -100 on the tokens not chosen)."""
-    chosen = maskable & (torch.rand(ids.shape, device=ids.device) < prob)
-    labels = ids.masked_fill(~chosen, -100)
-    draw = torch.rand(ids.shape, device=ids.device)
-    masked = ids.masked_fill(chosen & (draw < 0.8), mask_id)
-    random_ids = torch.randint(vocab_size, ids.shape, device=ids.device)
-    while torch.isin(random_ids, special_ids).any():  # redraw specials; a few rounds at most
-        random_ids = torch.where(torch.isin(random_ids, special_ids), torch.randint_like(random_ids, vocab_size),
-                                 random_ids)
-    return torch.where(chosen & (draw >= 0.8) & (draw < 0.9), random_ids, masked), labels
-
-
-def distilled_mlm_loss(logits, logits_m, labels, alpha):
-    """(1 - alpha) * CE(labels) + alpha * CE(teacher's distribution), over the masked tokens (0 when none is)."""
-    chosen = labels != -100
-    if not chosen.any():
-        return logits.sum() * 0
-    ce = F.cross_entropy(logits[chosen].float(), labels[chosen])
-    distill = soft_cross_entropy(logits[chosen].float(), F.softmax(logits_m[chosen].float(), dim=-1))
-    return (1 - alpha) * ce + alpha * distill
-
-
-def top_fraction(scores, allowed, fraction):
-    """(B, L) -> bool mask of the ceil(fraction * n) highest-scoring allowed tokens per row (n = allowed per row,
-    at least 1 when n >= 1)."""
-    n = allowed.sum(1, keepdim=True)                                            # (B, 1)
-    k = torch.clamp((fraction * n).ceil(), min=1).minimum(n)
-    rank = scores.masked_fill(~allowed, -math.inf).argsort(1, descending=True).argsort(1)  # 0 = best
-    return allowed & (rank < k)
-
-
-@torch.no_grad()
-def rewrite(ids, chosen, gen_logits, special_ids):
-    """Replace the chosen tokens (B, L) by samples from the generator's logits (B, L, V) at temperature 1 (not argmax:
-    plausible words, often wrong for this image; never a special token). -> (corrupted ids (B, L), consistency labels
-    (B, L) float: 1 where the token equals the original, including a chosen token re-drawn as itself)."""
-    logits = gen_logits[chosen].float().index_fill(-1, special_ids, -math.inf)  # (n_chosen, V)
-    corrupted = ids.masked_scatter(chosen, torch.distributions.Categorical(logits=logits).sample())
-    return corrupted, (corrupted == ids).float()
-
-
-def prune_patches(image_embeds, attns, mask, keep):
-    """E-PITC: keep [CLS] and the top ceil(keep * N) patches by the teacher's text->patch cross-attention mass
-    (mean over layers and heads, summed over the caption's tokens). (B, 1+N, Dv) -> (B, 1+k, Dv)."""
-    mass = torch.stack([cross for _, cross in attns]).mean((0, 2))             # (B, L, 1+N)
-    mass = (mass * mask[..., None]).sum(1)[:, 1:]                               # (B, N) patches only
-    k = math.ceil(keep * mass.shape[1])
-    index = torch.cat([torch.zeros_like(mass[:, :1], dtype=torch.long), mass.topk(k, dim=1).indices + 1], 1)
-    return image_embeds.gather(1, index[..., None].expand(-1, -1, image_embeds.shape[-1]))
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def encode_texts(albef, tokenizer, texts, cfg, device):
-    """Texts -> ids, mask (N, L), text-encoder output (N, L, Dt), ITA features (N, E); one padded length."""
-    enc = tokenizer(texts, padding='longest', truncation=True, max_length=cfg.max_len, return_tensors='pt').to(device)
+    """Texts -> ids, mask (N, L), text-encoder output (N, L, Dt), ITA features (N, E); one padded
+    length."""
+    enc = tokenizer(texts, padding='longest', truncation=True, max_length=cfg.max_len,
+                    return_tensors='pt').to(device)
     step = 4 * cfg.batch_size
     embeds = torch.cat([albef.encode_text(enc.input_ids[s:s + step], enc.attention_mask[s:s + step])
                         for s in range(0, len(texts), step)])
@@ -435,58 +518,24 @@ def encode_texts(albef, tokenizer, texts, cfg, device):
 
 @torch.no_grad()
 def rerank(albef, sims, image_embeds, text_embeds, text_mask, k, query_is_image, chunk):
-    """ALBEF's retrieval: each query's top-k candidates by ITA similarity (Q, C) re-scored by the ITM head, the
-    others left at -100. -> (Q, C) scores."""
+    """ALBEF's retrieval: each query's top-k candidates by ITA similarity (Q, C) re-scored by the
+    ITM head, the others left at -100. -> (Q, C) scores."""
     scores = torch.full_like(sims, -100.0)
     top = sims.topk(min(k, sims.shape[1]), dim=1).indices                       # (Q, k)
     for s in range(0, len(sims), chunk):
-        query = torch.arange(s, min(s + chunk, len(sims)), device=sims.device).repeat_interleave(top.shape[1])
+        chunk_rows = torch.arange(s, min(s + chunk, len(sims)), device=sims.device)
+        query = chunk_rows.repeat_interleave(top.shape[1])
         cand = top[s:s + chunk].flatten()
         image, text = (query, cand) if query_is_image else (cand, query)
-        scores[query, cand] = albef.itm_logit(image_embeds[image], text_embeds[text], text_mask[text]).float()
+        itm_scores = albef.itm_logit(image_embeds[image], text_embeds[text], text_mask[text])
+        scores[query, cand] = itm_scores.float()
     return scores
 
 
-@torch.no_grad()
-def evaluate(model, cfg, tokenizer, split, run, world, png=None):
-    """Retrieval with ITM re-ranking (and ita_rmean: the ITA similarities alone); on ShapesWorld also swap_acc (+ per
-    attribute), itc_auroc and saliency_auroc; optionally the PNG. Runs the student (and the teacher for saliency), under the run's autocast."""
-    model.eval()
-    S, T, device = model.student, model.teacher, run.device
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                            max_images=cfg.eval_images)
-    with run.autocast():
-        image_embeds, image_embeds_m = [], []
-        for batch in eval_loader(dataset, cfg.batch_size, partial(collate, tokenizer=tokenizer, max_len=cfg.max_len),
-                                 cfg.num_workers):
-            images = batch['image'].to(device)
-            image_embeds.append(S.encode_image(images))
-            image_embeds_m.append(T.encode_image(images))
-        image_embeds, image_embeds_m = torch.cat(image_embeds), torch.cat(image_embeds_m)   # (I, 1+N, Dv)
-        enc, text_embeds, text_feat = encode_texts(S, tokenizer, dataset.texts, cfg, device)
-        sims = S.image_feature(image_embeds) @ text_feat.T                                  # (I, T) ITA
-        chunk = max(1, 4 * cfg.batch_size // cfg.k_test)
-        i2t = rerank(S, sims, image_embeds, text_embeds, enc.attention_mask, cfg.k_test, True, chunk)
-        t2i = rerank(S, sims.T, image_embeds, text_embeds, enc.attention_mask, cfg.k_test, False, chunk)
-        metrics = common.retrieval_metrics(i2t, dataset.img2txt, dataset.texts, sims_t2i=t2i)
-        metrics['ita_rmean'] = common.retrieval_metrics(sims, dataset.img2txt, dataset.texts)['rmean']  # no re-ranking
-        txt2img = torch.tensor(dataset.txt2img, device=device)
-        if world is not None:
-            metrics.update(compositional_metrics(model, cfg, tokenizer, split, world, image_embeds))
-            saliency = torch.cat([model.saliency(enc.input_ids[s:s + 256], enc.attention_mask[s:s + 256],
-                                                 image_embeds_m[txt2img[s:s + 256]]) for s in range(0, len(txt2img), 256)])
-            words = model.candidates(enc.input_ids, enc.attention_mask)
-            metrics['saliency_auroc'] = common.auroc(saliency[words], visual_token_mask(tokenizer, enc.input_ids)[words])
-        if png:
-            draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds[:1], image_embeds_m[:1], png)
-    model.train()
-    return metrics
-
-
 def compositional_metrics(model, cfg, tokenizer, split, world, image_embeds):
-    """swap_acc: the ITM score of (image, true caption) beats (image, the caption with one word swapped), overall and
-    per attribute. itc_auroc: the consistency head's inconsistency 1 - D_i flags the swapped word among the tokens of
-    the swapped captions."""
+    """swap_acc: the ITM score of (image, true caption) beats (image, the caption with one word
+    swapped), overall and per attribute. itc_auroc: the consistency head's inconsistency 1 - D_i
+    flags the swapped word among the tokens of the swapped captions."""
     S, device = model.student, image_embeds.device
     pairs = world.swap_pairs(split, len(image_embeds), cfg.seed)
     index = torch.tensor([p[0] for p in pairs], device=device)
@@ -495,58 +544,129 @@ def compositional_metrics(model, cfg, tokenizer, split, world, image_embeds):
     step, won, inconsistency = 4 * cfg.batch_size, [], []
     for s in range(0, len(pairs), step):
         image = image_embeds[index[s:s + step]]
-        true_score = S.itm_logit(image, true_embeds[s:s + step], true_enc.attention_mask[s:s + step])
+        true_score = S.itm_logit(image, true_embeds[s:s + step],
+                                 true_enc.attention_mask[s:s + step])
         fused = S.fuse(swap_embeds[s:s + step], swap_enc.attention_mask[s:s + step], image)
         won.append(true_score > S.itm_head(fused[:, 0])[:, 1])
         if cfg.epic != 'none':
-            inconsistency.append(1 - torch.sigmoid(model.consistency_head(fused).squeeze(-1).float()))
+            itc_logits = model.consistency_head(fused).squeeze(-1).float()
+            inconsistency.append(1 - torch.sigmoid(itc_logits))
     won = torch.cat(won).cpu()
     out = dict(swap_acc=100 * won.float().mean().item())
     for attribute in ATTRIBUTE_WORDS:
         chosen = torch.tensor([p[3] == attribute for p in pairs])
         out[f'swap_acc_{attribute}'] = 100 * won[chosen].float().mean().item()
     if cfg.epic != 'none':
-        swapped_token = torch.tensor([[w == p[4] for w in swap_enc.word_ids(b)] for b, p in enumerate(pairs)])
+        swapped_token = torch.tensor([[w == p[4] for w in swap_enc.word_ids(b)]
+                                      for b, p in enumerate(pairs)])
         words = model.candidates(swap_enc.input_ids, swap_enc.attention_mask).cpu()
-        out['itc_auroc'] = common.auroc(torch.cat(inconsistency).cpu()[words], swapped_token[words].long())
+        inconsistency = torch.cat(inconsistency).cpu()
+        out['itc_auroc'] = common.auroc(inconsistency[words], swapped_token[words].long())
     return out
 
 
 def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embeds_m, path):
-    """PNG of test image 0: its first caption shaded by the teacher's saliency (red: the tokens EPIC masks); then
-    the generator's rewrite of it and a one-word swap, each shaded by the consistency head's inconsistency 1 - D_i
-    (red: the tokens that were changed)."""
+    """PNG of test image 0: its first caption shaded by the teacher's saliency (red: the tokens
+    EPIC masks); then the generator's rewrite of it and a one-word swap, each shaded by the
+    consistency head's inconsistency 1 - D_i (red: the tokens that were changed)."""
     S, device = model.student, image_embeds.device
     enc = tokenizer([dataset.texts[dataset.img2txt[0][0]]], return_tensors='pt').to(device)
     ids, mask = enc.input_ids, enc.attention_mask                               # (1, L)
     words = model.candidates(ids, mask)[0]
     saliency = model.saliency(ids, mask, image_embeds_m)[0].float()
-    saliency = (saliency - saliency[words].min()) / (saliency[words].max() - saliency[words].min() + 1e-9)
+    lowest, highest = saliency[words].min(), saliency[words].max()
+    saliency = (saliency - lowest) / (highest - lowest + 1e-9)
     chosen = top_fraction(saliency[None], words[None], cfg.mask_ratio)
 
-    def row(label, ids, values, marked):  # the real words of ids (1, L), with per-token values and marks
+    def row(label, ids, values, marked):
+        # the real words of ids (1, L), with per-token values and marks
         keep = model.candidates(ids, torch.ones_like(ids))[0]
         return label, [(t, float(values[i]), bool(marked[i])) for i, t in
                        enumerate(tokenizer.convert_ids_to_tokens(ids[0])) if keep[i]]
 
     rows = [row('teacher saliency (red: masked by EPIC)', ids, saliency, chosen[0])]
     if cfg.epic != 'none':
-        gen_logits = model.generator(S.embeddings(ids.masked_fill(chosen, model.mask_id)), mask, S.embeddings.word.weight)
+        masked_embeds = S.embeddings(ids.masked_fill(chosen, model.mask_id))   # (1, L, D)
+        gen_logits = model.generator(masked_embeds, mask, S.embeddings.word.weight)
         rewritten, _ = rewrite(ids, chosen, gen_logits, model.special_ids)
-        rewrites = [('generator rewrite: inconsistency 1 - D (red: changed)', rewritten, (rewritten != ids)[0])]
+        rewrites = [('generator rewrite: inconsistency 1 - D (red: changed)', rewritten,
+                     (rewritten != ids)[0])]
         if world is not None:
             _, _, swapped, attribute, word = world.swap_pairs('test', 1, cfg.seed)[0]
             swap_enc = tokenizer([swapped], return_tensors='pt').to(device)
-            rewrites.append((f'{attribute} swap: inconsistency 1 - D (red: swapped)', swap_enc.input_ids,
-                             [w == word for w in swap_enc.word_ids(0)]))
+            rewrites.append((f'{attribute} swap: inconsistency 1 - D (red: swapped)',
+                             swap_enc.input_ids, [w == word for w in swap_enc.word_ids(0)]))
         for label, new_ids, changed in rewrites:
             ones = torch.ones_like(new_ids)
             fused = S.fuse(S.encode_text(new_ids, ones), ones, image_embeds)
-            rows.append(row(label, new_ids, 1 - torch.sigmoid(model.consistency_head(fused)[0, :, 0].float()), changed))
-    common.render_tokens(dataset[0]['image'], rows, str(path), title=f'{METHOD} --epic {cfg.epic}: test image 0',
+            itc_logits = model.consistency_head(fused)[0, :, 0].float()        # (L,)
+            rows.append(row(label, new_ids, 1 - torch.sigmoid(itc_logits), changed))
+    common.render_tokens(dataset[0]['image'], rows, str(path),
+                         title=f'{METHOD} --epic {cfg.epic}: test image 0',
                          mark_label='masked / changed')
 
+@torch.no_grad()
+def evaluate(model, cfg, split, run, world, png=None):
+    """Retrieval with ITM re-ranking (and ita_rmean: the ITA similarities alone); on ShapesWorld
+    also swap_acc (+ per attribute), itc_auroc and saliency_auroc; optionally the PNG. Runs the
+    student (and the teacher for saliency), under the run's autocast."""
+    tokenizer = model.tokenizer
+    model.eval()
+    S, T, device = model.student, model.teacher, run.device
+    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
+                            world=world, max_images=cfg.eval_images)
+    with run.autocast():
+        image_embeds, image_embeds_m = [], []
+        collate_fn = partial(collate, tokenizer=tokenizer, max_len=cfg.max_len)
+        for batch in eval_loader(dataset, cfg.batch_size, collate_fn, cfg.num_workers):
+            images = batch['image'].to(device)
+            image_embeds.append(S.encode_image(images))
+            image_embeds_m.append(T.encode_image(images))
+        image_embeds = torch.cat(image_embeds)                                  # (I, 1+N, Dv)
+        image_embeds_m = torch.cat(image_embeds_m)                              # (I, 1+N, Dv)
+        enc, text_embeds, text_feat = encode_texts(S, tokenizer, dataset.texts, cfg, device)
+        sims = S.image_feature(image_embeds) @ text_feat.T                      # (I, T) ITA
+        chunk = max(1, 4 * cfg.batch_size // cfg.k_test)
+        text_mask = enc.attention_mask
+        i2t = rerank(S, sims, image_embeds, text_embeds, text_mask, cfg.k_test, True, chunk)
+        t2i = rerank(S, sims.T, image_embeds, text_embeds, text_mask, cfg.k_test, False, chunk)
+        metrics = common.retrieval_metrics(i2t, dataset.img2txt, dataset.texts, sims_t2i=t2i)
+        ita_only = common.retrieval_metrics(sims, dataset.img2txt, dataset.texts)  # no re-ranking
+        metrics['ita_rmean'] = ita_only['rmean']
+        txt2img = torch.tensor(dataset.txt2img, device=device)
+        if world is not None:
+            metrics.update(compositional_metrics(model, cfg, tokenizer, split, world, image_embeds))
+            saliency = []
+            for s in range(0, len(txt2img), 256):
+                rows = slice(s, s + 256)
+                saliency.append(model.saliency(enc.input_ids[rows], enc.attention_mask[rows],
+                                               image_embeds_m[txt2img[rows]]))
+            saliency = torch.cat(saliency)
+            words = model.candidates(enc.input_ids, enc.attention_mask)
+            visual = visual_token_mask(tokenizer, enc.input_ids)
+            metrics['saliency_auroc'] = common.auroc(saliency[words], visual[words])
+        if png:
+            draw_tokens(model, cfg, tokenizer, dataset, world,
+                        image_embeds[:1], image_embeds_m[:1], png)
+    model.train()
+    return metrics
+
+
 # ----------------------------------------------------------------------------- training loop
+
+def build_optimizer(model, cfg):
+    """One AdamW. The temperature is its own group at lr temp_lr (ALBEF's 1e-4, whatever --lr):
+    stepped at the shapes preset's 1e-3, a raw temperature of 0.07 falls to 0.019 in 400 steps
+    (0.058 at 1e-4) and retrieval is ~6 rmean worse (README). The generator and the consistency
+    head are their own groups too."""
+    groups = common.param_groups(model.student, cfg.weight_decay, exclude=[model.student.temp])
+    temp_group = dict(params=[model.student.temp], weight_decay=0.0, lr_scale=cfg.temp_lr / cfg.lr)
+    groups.append(temp_group)
+    if cfg.epic != 'none':
+        groups += common.param_groups(model.generator, cfg.weight_decay) + \
+                  common.param_groups(model.consistency_head, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
@@ -555,88 +675,81 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     if cfg.queue_size % (cfg.batch_size * run.world_size):
         raise UserError(f"--queue_size {cfg.queue_size} must be a multiple of the global batch "
-                        f"{cfg.batch_size} x {run.world_size} processes (the queue advances by whole batches)")
+                        f"{cfg.batch_size} x {run.world_size} processes "
+                        f"(the queue advances by whole batches)")
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world, max_images=1)  # fail early
-    tokenizer = common.load_tokenizer(cfg.text_backbone)
-    model = AlbefEpic(cfg, common.load_backbone(cfg.vision_backbone, 'vision'),
-                      common.load_backbone(cfg.text_backbone, 'mlm'), tokenizer).to(run.device)
+    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
+                  max_images=1)  # fail early on a bad path or file
+    tokenizer = backbones.load_tokenizer(cfg.text_backbone)
+    vision = backbones.load_backbone(cfg.vision_backbone, 'vision')
+    text = backbones.load_backbone(cfg.text_backbone, 'mlm')
+    model = AlbefEpic(cfg, vision, text, tokenizer).to(run.device)
     if run.is_main:
-        epic_params = common.count_params(model, True) - common.count_params(model.student, True)
-        print(f"{METHOD}: {common.count_params(model.student, True) / 1e6:.1f}M trainable ALBEF parameters, "
+        albef_params = common.count_params(model.student, True)
+        epic_params = common.count_params(model, True) - albef_params
+        print(f"{METHOD}: {albef_params / 1e6:.1f}M trainable ALBEF parameters, "
               f"{epic_params / 1e6:.1f}M in EPIC's generator and consistency head")
     if cfg.eval_only:
-        path = cfg.init_from or out / 'ckpt.pt'
-        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
+        common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
-            print(common.write_metrics(cfg, evaluate(model, cfg, tokenizer, 'test', run, world, png=out / f'{METHOD}.png')))
+            metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+            print(common.write_metrics(cfg, metrics))
         return
 
     optimizer = build_optimizer(model, cfg)
-    common.seed_rank(cfg, run)  # per-rank streams from here; a resumed run then restores its saved ones
+    # per-rank streams from here; a resumed run then restores its saved ones
+    common.seed_rank(cfg, run)
     start = 0
     if cfg.resume:
         start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:  # weights only: fine-tune a pre-trained model
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world)
-    batches = train_batches(train_set, cfg.batch_size, partial(collate, tokenizer=tokenizer, max_len=cfg.max_len),
-                            cfg.seed, start_step=start * cfg.grad_accum, num_workers=cfg.num_workers, rank=run.rank,
-                            world_size=run.world_size, max_bad_images=cfg.max_bad_images)
+    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
+                              world=world)
+    batch_stream = partial(train_batches, train_set, cfg.batch_size,
+                           partial(collate, tokenizer=tokenizer, max_len=cfg.max_len), cfg.seed,
+                           num_workers=cfg.num_workers, rank=run.rank, world_size=run.world_size,
+                           max_bad_images=cfg.max_bad_images)
+    batches = batch_stream(start_step=start * cfg.grad_accum)
     trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
     logger = common.Logger(cfg, run, start)
-    save = lambda step: run.is_main and common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step, cfg)
-    flops_per_sample = None  # counted on the first CUDA step, for MFU
+    # for MFU, on another copy of the data
+    one_step = lambda: model(common.to_device(pair_labels(next(batch_stream()), world), run.device),
+                             cfg.alpha, 1.0)['loss'].backward()
+    logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
     model.train()
     for step in range(start, cfg.max_steps):
         lr = common.lr_at(step, cfg)
         common.set_lr(optimizer, lr)
         alpha = cfg.alpha * min(1.0, step / max(1, cfg.alpha_warmup_steps))
         hardness = min(1.0, step / cfg.hard_negative_warmup) if cfg.hard_negative_warmup else 1.0
-        with common.count_flops(on=flops_per_sample is None and run.device.type == 'cuda') as counted:
-            for micro in range(cfg.grad_accum):
-                if run.distributed:  # sync gradients on the last micro-batch only
-                    trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                batch = pair_labels(next(batches), world)
-                batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with run.autocast():
-                    losses = trainable(batch, alpha, hardness)
-                common.check_finite(losses['loss'], step, cfg)
-                (losses['loss'] / cfg.grad_accum).backward()
-        if counted.flops:
-            flops_per_sample = counted.flops / (cfg.batch_size * cfg.grad_accum)
+        for micro in range(cfg.grad_accum):
+            if run.distributed:  # sync gradients on the last micro-batch only
+                trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            batch = common.to_device(pair_labels(next(batches), world), run.device)
+            with run.autocast():
+                losses = trainable(batch, alpha, hardness)
+            common.check_finite(losses['loss'], step, cfg)
+            (losses['loss'] / cfg.grad_accum).backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps:
-            logger.pause()
-            if run.is_main:
-                val = evaluate(model, cfg, tokenizer, 'val', run, world)
-                logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
-            save(step + 1)
-            logger.resume()
-    logger.pause()
-    save(cfg.max_steps)
+        validate = cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.max_steps
+        if validate or step + 1 == cfg.max_steps:
+            with logger.paused():
+                if validate and run.is_main:
+                    val = evaluate(model, cfg, 'val', run, world)
+                    logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
+                if run.is_main:
+                    common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step + 1, cfg)
     if run.is_main:
-        metrics = evaluate(model, cfg, tokenizer, 'test', run, world, png=out / f'{METHOD}.png')
-        print(common.write_metrics(cfg, {**metrics, **logger.speed(flops_per_sample)}))
+        metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+        print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)
-
-
-def build_optimizer(model, cfg):
-    """One AdamW. The temperature is its own group at lr temp_lr (ALBEF's 1e-4, whatever --lr): stepped at the shapes
-    preset's 1e-3, a raw temperature of 0.07 falls to 0.019 in 400 steps (0.058 at 1e-4) and retrieval is ~6 rmean
-    worse (README). The generator and the consistency head are their own groups too."""
-    groups = common.param_groups(model.student, cfg.weight_decay, exclude=[model.student.temp])
-    groups.append(dict(params=[model.student.temp], weight_decay=0.0, lr_scale=cfg.temp_lr / cfg.lr))
-    if cfg.epic != 'none':
-        groups += common.param_groups(model.generator, cfg.weight_decay) + \
-                  common.param_groups(model.consistency_head, cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 if __name__ == '__main__':

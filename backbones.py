@@ -1,9 +1,15 @@
 """
-backbones.py — the built-in `shapes-tiny-*` backbones: tiny unimodal models that common.py trains on ShapesWorld on
-first use and saves with save_pretrained, so that every method loads them through the same from_pretrained path
-as a real Hugging Face checkpoint, offline. None of them sees an image-text pair.
+backbones.py — the pretrained backbones every method starts from.
 
-    python backbones.py            # build (or find) the three and print their unimodal quality
+  modules      own ViT (pre-LN) and BERT-style layers (optional cross-attention, causal masks,
+               attention maps)
+  HF weights   vit_from_hf / bert_from_hf copy Hugging Face weights into them by an explicit key map
+  loading      load_backbone / load_tokenizer: a Hugging Face id, a local folder or a built-in name
+  built-ins    shapes-tiny-vision / -text / -lm: tiny unimodal models trained on ShapesWorld on
+               first use and saved with save_pretrained, so they load through the same
+               from_pretrained path as a real checkpoint, offline. None sees an image-text pair.
+
+    python backbones.py    # build (or find) the three built-ins and print their unimodal quality
 """
 import json
 import math
@@ -15,19 +21,341 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
+from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import RunConfig, lr_at, set_lr
 from data import COLORS, SHAPES, SIZES, ShapesWorld, UserError, build_tokenizer
 
+# ----------------------------------------------------------------------------- modules + HF weights
+# Own ViT and BERT-style modules in plain PyTorch, so a method can open them up (cross-attention,
+# causal masks, attention maps, its own attention in a BertLayer subclass) without fighting a
+# library. Pretrained weights are copied in from a Hugging Face model object by an explicit key map
+# (nanoGPT / nanoVLM style); HF names are those of transformers >= 5 (from_pretrained already
+# renames old checkpoints, e.g. ViT's attention.attention.query -> attention.q_proj).
+
+def padding_mask(attention_mask, dtype=torch.float32):
+    """(B, L) with 1 = token, 0 = pad -> additive mask (B, 1, 1, L): 0 visible, finfo.min hidden.
+    finfo.min, not -1e10 (-inf in fp16) or -inf (a row with no visible key would give NaN)."""
+    return (1.0 - attention_mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def causal_mask(L, device=None, dtype=torch.float32):
+    """(L, L) additive mask: query i sees keys j <= i. Combine with a padding mask by adding."""
+    return torch.full((L, L), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
+
+
+def checkpointed(fn, *args, on=False, **kwargs):
+    """fn(*args, **kwargs), with activation checkpointing when `on` and autograd is recording:
+    activations are recomputed in backward instead of stored. Stacks call it per layer:
+    x = checkpointed(layer, x, mask, on=...)."""
+    if on and torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+    return fn(*args, **kwargs)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):  # CLIP's activation
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name):
+    """HF config.hidden_act -> module ('gelu' is the exact erf GELU, as in HF)."""
+    acts = {'gelu': nn.GELU, 'gelu_new': lambda: nn.GELU(approximate='tanh'),
+            'gelu_pytorch_tanh': lambda: nn.GELU(approximate='tanh'), 'quick_gelu': QuickGELU}
+    if name not in acts:
+        raise ValueError(f"activation {name!r} is not supported; expected one of {sorted(acts)}")
+    return acts[name]()
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention (context=None) or cross-attention to context
+    (B, Lk, kv_dim). The fused SDPA kernel computes it; the explicit softmax runs only when the
+    caller asks for the probabilities (attention maps, saliency). Both compute the same thing."""
+
+    def __init__(self, dim, heads, qkv_bias=True, kv_dim=None, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(kv_dim or dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(kv_dim or dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None, return_attn=False):
+        """x (B, Lq, dim), mask additive, broadcastable to (B, heads, Lq, Lk) -> (out (B, Lq, dim),
+        probs): probs (B, heads, Lq, Lk) when return_attn, else None. One return type keeps callers
+        uniform."""
+        context = x if context is None else context
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))  # (B, H, L, Dh)
+        if mask is not None:
+            # Summing two masks (min + min) or casting to fp16 gives -inf, and a row of -inf is NaN
+            # after the softmax; clamping to finfo.min keeps a row with no visible key finite
+            # (uniform weights).
+            mask = mask.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
+        p_drop = self.dropout if self.training else 0.0
+        probs = None
+        if return_attn:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])          # (B, H, Lq, Lk)
+            scores = scores if mask is None else scores + mask
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = F.dropout(probs, p_drop, self.training) @ v                  # (B, H, Lq, Dh)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        return self.proj(out.transpose(1, 2).flatten(2)), probs                # (B, Lq, dim)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, act='gelu'):
+        super().__init__()
+        self.fc1, self.act = nn.Linear(dim, hidden), activation(act)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ViTBlock(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_dim, act='gelu', eps=1e-6, qkv_bias=True):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads, qkv_bias)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_dim, act)
+
+    def forward(self, x, mask=None):  # (B, L, D)
+        x = x + self.attn(self.norm1(x), mask=mask)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def interpolate_pos_embed(pos_embed, n_special, grid):
+    """(1, n_special + g*g, D) -> (1, n_special + grid*grid, D): bicubic resize of the
+    patch-position grid, the CLS/distillation positions kept, as ALBEF's interpolate_pos_embed and
+    HF's interpolate_pos_encoding do."""
+    special, patches = pos_embed[:, :n_special], pos_embed[:, n_special:]
+    old, D = math.isqrt(patches.shape[1]), patches.shape[2]
+    if old == grid:
+        return pos_embed
+    patches = patches.reshape(1, old, old, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    patches = F.interpolate(patches, size=(grid, grid), mode='bicubic', align_corners=False)
+    return torch.cat([special, patches.permute(0, 2, 3, 1).reshape(1, grid * grid, D)], dim=1)
+
+
+class VisionTransformer(nn.Module):
+    """Pre-LN ViT: patches + [CLS] (+ DeiT's distillation token) + learned positions -> (optional
+    pre-LN, CLIP) -> blocks -> final LN. Returns all tokens (B, n_special + N, D). With
+    final_norm=False (CLIP) the output is the un-normalised residual stream, exactly HF CLIP's
+    last_hidden_state; `self.norm` then holds CLIP's post_layernorm, which HF applies to the CLS
+    only: vit.norm(out[:, 0]) == HF pooler_output."""
+
+    def __init__(self, image_size=224, patch_size=16, dim=768, depth=12, heads=12, mlp_dim=3072,
+                 channels=3, distill_token=False, pre_norm=False, final_norm=True, patch_bias=True,
+                 act='gelu', eps=1e-6, qkv_bias=True):
+        super().__init__()
+        self.patch_size, self.final_norm, self.grad_checkpointing = patch_size, final_norm, False
+        self.n_special = 2 if distill_token else 1
+        self.patch_embed = nn.Conv2d(channels, dim, patch_size, stride=patch_size, bias=patch_bias)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.dist_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02) if distill_token else None
+        n_tokens = self.n_special + (image_size // patch_size) ** 2
+        self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, dim) * 0.02)
+        self.pre_norm = nn.LayerNorm(dim, eps=eps) if pre_norm else nn.Identity()
+        self.blocks = nn.ModuleList(ViTBlock(dim, heads, mlp_dim, act, eps, qkv_bias)
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+
+    def forward(self, images):  # (B, C, H, W) -> (B, n_special + N, D)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
+        special = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
+        x = torch.cat([t.expand(len(x), -1, -1) for t in special] + [x], dim=1) + self.pos_embed
+        x = self.pre_norm(x)
+        for block in self.blocks:
+            x = checkpointed(block, x, on=self.grad_checkpointing)
+        return self.norm(x) if self.final_norm else x
+
+
+class BertEmbeddings(nn.Module):
+    """word + position + token-type-0 embeddings -> LayerNorm -> dropout (every method feeds one
+    segment)."""
+
+    def __init__(self, vocab_size, dim, max_len=512, type_vocab=2, eps=1e-12, dropout=0.0,
+                 pad_id=0):
+        super().__init__()
+        self.word = nn.Embedding(vocab_size, dim, padding_idx=pad_id)  # pad row: no grad, as HF
+        self.position, self.token_type = nn.Embedding(max_len, dim), nn.Embedding(type_vocab, dim)
+        self.norm, self.drop = nn.LayerNorm(dim, eps=eps), nn.Dropout(dropout)
+
+    def forward(self, input_ids):  # (B, L) -> (B, L, D)
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.word(input_ids) + self.position(pos) + self.token_type.weight[0]
+        return self.drop(self.norm(x))
+
+
+class BertLayer(nn.Module):
+    """Post-LN BERT layer: x = LN(x + self_attn(x)) -> [x = LN(x + cross_attn(x, context))] ->
+    x = LN(x + FFN(x)). Self-attention mask: padding and/or causal (additive). Cross-attention is
+    skipped when context is None (as HF does), so a fusion layer can also run text-only."""
+
+    def __init__(self, dim, heads, mlp_dim, cross_attention=False, cross_dim=None, eps=1e-12,
+                 act='gelu', dropout=0.0, attention=Attention):
+        super().__init__()
+        self.self_attn = attention(dim, heads, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = (attention(dim, heads, kv_dim=cross_dim, dropout=dropout)
+                           if cross_attention else None)
+        self.norm_cross = nn.LayerNorm(dim, eps=eps) if cross_attention else None
+        self.mlp, self.norm2 = MLP(dim, mlp_dim, act), nn.LayerNorm(dim, eps=eps)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None, context=None, context_mask=None, return_attn=False):
+        """x (B, L, D), context (B, Lc, cross_dim) -> x (B, L, D), or
+        (x, (self_probs, cross_probs))."""
+        h, self_probs = self.self_attn(x, mask=mask, return_attn=return_attn)
+        x = self.norm1(x + self.drop(h))
+        cross_probs = None
+        if self.cross_attn is not None and context is not None:
+            h, cross_probs = self.cross_attn(x, context, context_mask, return_attn)
+            x = self.norm_cross(x + self.drop(h))
+        x = self.norm2(x + self.drop(self.mlp(x)))
+        return (x, (self_probs, cross_probs)) if return_attn else x
+
+
+class MLMHead(nn.Module):
+    """BERT's LM head: dense -> act -> LN -> decoder whose weight IS the word embedding matrix
+    (tied), own bias."""
+
+    def __init__(self, word_embeddings, eps=1e-12, act='gelu'):
+        super().__init__()
+        vocab_size, dim = word_embeddings.weight.shape
+        self.dense, self.act = nn.Linear(dim, dim), activation(act)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.decoder = nn.Linear(dim, vocab_size)
+        self.decoder.weight = word_embeddings.weight
+
+    def forward(self, x):  # (B, L, D) -> logits (B, L, vocab)
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+def copy_hf_weights(module, hf_state, key_map):
+    """Copy tensors from an HF state dict into module. key_map: {our module or parameter name: HF
+    name}; a parameter follows its module ('attn.q.weight' <- key_map['attn.q'] + '.weight').
+    Returns our keys that the HF model lacks (left at init). A key of ours that no entry covers is
+    a bug in the map and raises."""
+    loaded, new = {}, []
+    for key, tensor in module.state_dict().items():
+        ours = next((p for p in key_map if key == p or key.startswith(p + '.')), None)
+        if ours is None:
+            raise KeyError(f"no HF key mapped for {key!r}")
+        theirs = key_map[ours] + key[len(ours):]
+        if theirs in hf_state:
+            loaded[key] = hf_state[theirs].reshape(tensor.shape)  # CLIP: cls (D,), positions (N, D)
+        else:
+            new.append(key)
+    module.load_state_dict(loaded, strict=False)
+    return new
+
+
+def vit_from_hf(hf_model, image_size=None):
+    """HF ViTModel / DeiTModel / CLIPVisionModel (or a model wrapping one) -> VisionTransformer
+    whose output equals HF's last_hidden_state. image_size other than the checkpoint's
+    interpolates the position embeddings. Not copied: ViT/DeiT's pooler (dense+tanh, unused by the
+    methods) and the MIM mask token."""
+    for attr in ('vision_model', 'vit', 'deit'):  # CLIPModel, *ForImageClassification wrap it
+        hf_model = getattr(hf_model, attr, hf_model)
+    c = hf_model.config
+    if c.model_type not in ('vit', 'deit', 'clip_vision_model'):
+        raise ValueError(f"vit_from_hf supports ViT, DeiT and CLIP vision models, "
+                         f"got {c.model_type!r}")
+    clip, image_size = c.model_type == 'clip_vision_model', image_size or c.image_size
+    vit = VisionTransformer(image_size, c.patch_size, c.hidden_size, c.num_hidden_layers,
+                            c.num_attention_heads, c.intermediate_size, c.num_channels,
+                            distill_token=c.model_type == 'deit', pre_norm=clip,
+                            final_norm=not clip, patch_bias=not clip, act=c.hidden_act,
+                            eps=c.layer_norm_eps, qkv_bias=getattr(c, 'qkv_bias', True))
+    e = 'embeddings.'
+    if clip:
+        key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding.weight',
+                   'patch_embed': e + 'patch_embedding', 'pre_norm': 'pre_layrnorm',
+                   'norm': 'post_layernorm'}
+        layer = 'encoder.layers.{}.'
+        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.out_proj', 'norm2': 'layer_norm2',
+                 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
+                 **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}}
+    else:
+        key_map = {'cls_token': e + 'cls_token', 'dist_token': e + 'distillation_token',
+                   'pos_embed': e + 'position_embeddings',
+                   'patch_embed': e + 'patch_embeddings.projection', 'norm': 'layernorm'}
+        layer = 'layers.{}.'
+        block = {'norm1': 'layernorm_before', 'attn.proj': 'attention.o_proj',
+                 'norm2': 'layernorm_after', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
+                 **{f'attn.{t}': f'attention.{t}_proj' for t in 'qkv'}}
+    for i in range(c.num_hidden_layers):
+        key_map.update({f'blocks.{i}.{ours}': layer.format(i) + theirs
+                        for ours, theirs in block.items()})
+    state = hf_model.state_dict()
+    pos = state[key_map['pos_embed']].reshape(1, -1, c.hidden_size)
+    grid = image_size // c.patch_size
+    state[key_map['pos_embed']] = interpolate_pos_embed(pos, vit.n_special, grid)
+    missing = copy_hf_weights(vit, state, key_map)
+    if missing:
+        raise KeyError(f"HF {type(hf_model).__name__} lacks {missing}")
+    return vit
+
+
+_BERT_LAYER_KEYS = {  # our BertLayer module -> HF BertLayer module
+    'self_attn.proj': 'attention.output.dense', 'norm1': 'attention.output.LayerNorm',
+    'cross_attn.proj': 'crossattention.output.dense',
+    'norm_cross': 'crossattention.output.LayerNorm',
+    'mlp.fc1': 'intermediate.dense', 'mlp.fc2': 'output.dense', 'norm2': 'output.LayerNorm',
+    **{f'{a}.{t}': f'{b}.self.{name}'
+       for a, b in (('self_attn', 'attention'), ('cross_attn', 'crossattention'))
+       for t, name in (('q', 'query'), ('k', 'key'), ('v', 'value'))}}
+
+
+def bert_from_hf(hf_model, cross_layers=(), cross_dim=None, layer_class=None):
+    """HF BertModel or BertForMaskedLM -> (BertEmbeddings, nn.ModuleList of BertLayer, MLMHead,
+    new_keys). layer_class: a subclass of BertLayer (same parameters, its own forward) to build the
+    layers with. Layers whose index is in cross_layers get cross-attention to a context of width
+    cross_dim (default hidden); its weights are new unless the HF model has them. The MLM head
+    comes from BertForMaskedLM.cls.predictions (new for a bare BertModel). new_keys lists every
+    parameter left at init, for the caller to report. Dropout: HF's hidden_dropout_prob is used
+    for hidden states and attention probabilities alike."""
+    bert = getattr(hf_model, 'bert', hf_model)
+    c, state, p = bert.config, hf_model.state_dict(), 'bert.' if bert is not hf_model else ''
+    emb = BertEmbeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size,
+                         c.layer_norm_eps, c.hidden_dropout_prob, c.pad_token_id)
+    e = p + 'embeddings.'
+    new = copy_hf_weights(emb, state, {'word': e + 'word_embeddings',
+                                       'position': e + 'position_embeddings',
+                                       'token_type': e + 'token_type_embeddings',
+                                       'norm': e + 'LayerNorm'})
+    layers = nn.ModuleList()
+    for i in range(c.num_hidden_layers):
+        layers.append((layer_class or BertLayer)(
+            c.hidden_size, c.num_attention_heads, c.intermediate_size, i in cross_layers, cross_dim,
+            c.layer_norm_eps, c.hidden_act, c.hidden_dropout_prob))
+        key_map = {ours: f'{p}encoder.layer.{i}.{theirs}'
+                   for ours, theirs in _BERT_LAYER_KEYS.items()}
+        new += [f'layers.{i}.{k}' for k in copy_hf_weights(layers[i], state, key_map)]
+    head = MLMHead(emb.word, c.layer_norm_eps, c.hidden_act)
+    new += ['mlm_head.' + k for k in copy_hf_weights(head, state, {
+        'dense': 'cls.predictions.transform.dense', 'norm': 'cls.predictions.transform.LayerNorm',
+        'decoder.weight': e + 'word_embeddings.weight', 'decoder.bias': 'cls.predictions.bias'})]
+    return emb, layers, head, new
+
+
+# ----------------------------------------------------------------------------- built-in backbones
+
 BACKBONE_DIR = Path(os.environ.get('NANOALIGN_BACKBONES', 'out/backbones'))
 
 
 def builtin_backbone(name, cache_dir=None, steps=None):
-    """Folder of a built-in backbone, training it first if it is not there yet. Under torchrun rank 0
-    trains while the others wait. `steps` overrides the training length (tests use a few)."""
+    """Folder of a built-in backbone, training it first if it is not there yet. Under torchrun
+    rank 0 trains while the others wait. `steps` overrides the training length (tests use a few)."""
     if name not in BUILTIN_BACKBONES:
-        raise UserError(f"unknown built-in backbone '{name}'; the built-ins are {', '.join(BUILTIN_BACKBONES)}")
+        raise UserError(f"unknown built-in backbone '{name}'; "
+                        f"the built-ins are {', '.join(BUILTIN_BACKBONES)}")
     path = Path(cache_dir or BACKBONE_DIR) / name
     distributed = dist.is_available() and dist.is_initialized()
     if not (path / 'config.json').exists() and (not distributed or dist.get_rank() == 0):
@@ -93,44 +421,49 @@ def _presence_targets(scenes):
 
 
 def _pretrain_vision(steps, desc, batch_size=64):
-    """ViT trained on two tasks: name the colour, shape and size in each 3x3 cell (class 0 = empty) from the
-    mean of the patch tokens inside the cell, so patch tokens learn what is where; and say which colours,
-    shapes, sizes and cells occur from the [CLS] token, so [CLS] summarises the scene the way a
-    classification-pretrained ViT's [CLS] does."""
-    from transformers import ViTConfig, ViTModel
+    """ViT trained on two tasks: name the colour, shape and size in each 3x3 cell (class 0 = empty)
+    from the mean of the patch tokens inside the cell, so patch tokens learn what is where; and say
+    which colours, shapes, sizes and cells occur from the [CLS] token, so [CLS] summarises the scene
+    the way a classification-pretrained ViT's [CLS] does."""
     world = ShapesWorld(seed=0)
-    model = ViTModel(ViTConfig(image_size=world.image_size, patch_size=8, hidden_size=128, num_hidden_layers=4,
-                               num_attention_heads=4, intermediate_size=512, hidden_dropout_prob=0.0,
-                               attention_probs_dropout_prob=0.0))  # with HF's (unused) pooler, as checkpoints have
+    config = transformers.ViTConfig(image_size=world.image_size, patch_size=8, hidden_size=128,
+                                    num_hidden_layers=4, num_attention_heads=4,
+                                    intermediate_size=512, hidden_dropout_prob=0.0,
+                                    attention_probs_dropout_prob=0.0)
+    model = transformers.ViTModel(config)  # with HF's (unused) pooler, as checkpoints have
     n_classes = (len(COLORS) + 1, len(SHAPES) + 1, len(SIZES) + 1)
-    cell_head, presence_head = nn.Linear(128, sum(n_classes)), nn.Linear(128, _presence_targets([]).shape[1])
+    cell_head = nn.Linear(128, sum(n_classes))
+    presence_head = nn.Linear(128, _presence_targets([]).shape[1])
     grid = world.image_size // 8
-    cell_of_patch = (torch.arange(grid) * 3 // grid)                          # (grid,) patch row/col -> cell row/col
-    cell_index = (cell_of_patch[:, None] * 3 + cell_of_patch[None, :]).flatten()  # (N,) patch -> cell 0..8
+    cell_of_patch = (torch.arange(grid) * 3 // grid)  # (grid,) patch row/col -> cell row/col
+    cell_index = (cell_of_patch[:, None] * 3 + cell_of_patch[None, :]).flatten()  # (N,) -> cell
     pool = F.one_hot(cell_index, 9).T.float()
-    pool = pool / pool.sum(1, keepdim=True)                                   # (9, N) mean over a cell's patches
+    pool = pool / pool.sum(1, keepdim=True)  # (9, N) mean over a cell's patches
 
-    def predict(images):  # -> (colour, shape, size) logits (B, 9, classes) each, presence logits (B, 23)
-        tokens = model(images).last_hidden_state                              # (B, 1+N, D)
+    def predict(images):  # -> (colour, shape, size) logits (B, 9, classes), presence logits (B, 23)
+        tokens = model(images).last_hidden_state  # (B, 1+N, D)
         return cell_head(pool @ tokens[:, 1:]).split(n_classes, dim=-1), presence_head(tokens[:, 0])
 
     def batch_fn(step):
-        images, scenes = _shapes_images(world, 'train', range(step * batch_size, (step + 1) * batch_size))
+        indices = range(step * batch_size, (step + 1) * batch_size)
+        images, scenes = _shapes_images(world, 'train', indices)
         cells, presence = predict(images)
         targets = _cell_targets(scenes)
-        return (sum(F.cross_entropy(lg.flatten(0, 1), targets[..., a].flatten()) for a, lg in enumerate(cells))
-                + F.binary_cross_entropy_with_logits(presence, _presence_targets(scenes)))
+        cell_loss = sum(F.cross_entropy(lg.flatten(0, 1), targets[..., a].flatten())
+                        for a, lg in enumerate(cells))
+        return cell_loss + F.binary_cross_entropy_with_logits(presence, _presence_targets(scenes))
 
-    _train_loop(model, [*model.parameters(), *cell_head.parameters(), *presence_head.parameters()], steps, desc,
-                batch_fn)
+    params = [*model.parameters(), *cell_head.parameters(), *presence_head.parameters()]
+    _train_loop(model, params, steps, desc, batch_fn)
     correct = total = presence_correct = presence_total = 0
-    with torch.no_grad():  # on 512 val images: attribute accuracy on occupied cells, presence accuracy
+    with torch.no_grad():  # on 512 val images: attribute accuracy on occupied cells, presence
         for start in range(0, 512, 128):
             images, scenes = _shapes_images(world, 'val', range(start, start + 128))
             cells, presence = predict(images)
             targets, present = _cell_targets(scenes), _presence_targets(scenes)
             occupied = targets[..., 0] > 0
-            correct += sum((lg.argmax(-1) == targets[..., a])[occupied].sum().item() for a, lg in enumerate(cells))
+            correct += sum((lg.argmax(-1) == targets[..., a])[occupied].sum().item()
+                           for a, lg in enumerate(cells))
             total += 3 * occupied.sum().item()
             presence_correct += ((presence > 0) == present.bool()).sum().item()
             presence_total += present.numel()
@@ -146,17 +479,19 @@ def _caption_batch(world, tokenizer, split, indices):
 
 def _pretrain_text(steps, desc, batch_size=128):
     """BERT masked-LM on ShapesWorld captions (text only)."""
-    from transformers import BertConfig, BertForMaskedLM, DataCollatorForLanguageModeling
     world, tokenizer = ShapesWorld(seed=0), build_tokenizer()
-    model = BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4,
-                                       num_attention_heads=4, intermediate_size=512, max_position_embeddings=64,
-                                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                       pad_token_id=tokenizer.pad_token_id))
-    masker = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
+    config = transformers.BertConfig(vocab_size=len(tokenizer), hidden_size=128,
+                                     num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=512, max_position_embeddings=64,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     pad_token_id=tokenizer.pad_token_id)
+    model = transformers.BertForMaskedLM(config)
+    masker = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
 
     def masked(split, indices):
         enc = _caption_batch(world, tokenizer, split, indices)
-        return masker([dict(input_ids=ids, attention_mask=m) for ids, m in zip(enc.input_ids, enc.attention_mask)])
+        rows = zip(enc.input_ids, enc.attention_mask)
+        return masker([dict(input_ids=ids, attention_mask=m) for ids, m in rows])
 
     def batch_fn(step):
         return model(**masked('train', range(step * batch_size, (step + 1) * batch_size))).loss
@@ -167,7 +502,8 @@ def _pretrain_text(steps, desc, batch_size=128):
     with torch.no_grad():  # masked-token accuracy on 1000 val captions
         for start in range(0, 1000, 250):
             batch = masked('val', range(start, start + 250))
-            predicted = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask']).logits.argmax(-1)
+            out = model(input_ids=batch['input_ids'], attention_mask=batch['attention_mask'])
+            predicted = out.logits.argmax(-1)
             labelled = batch['labels'] != -100
             correct += (predicted == batch['labels'])[labelled].sum().item()
             total += labelled.sum().item()
@@ -176,13 +512,15 @@ def _pretrain_text(steps, desc, batch_size=128):
 
 def _pretrain_lm(steps, desc, batch_size=128):
     """A tiny Qwen2 causal LM, next-token prediction on ShapesWorld captions (text only)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     world, tokenizer = ShapesWorld(seed=0), build_tokenizer()
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384,
-                                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                         max_position_embeddings=128, tie_word_embeddings=True,
-                                         bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                                         pad_token_id=tokenizer.pad_token_id))
+    config = transformers.Qwen2Config(vocab_size=len(tokenizer), hidden_size=128,
+                                      intermediate_size=384, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, tie_word_embeddings=True,
+                                      bos_token_id=tokenizer.cls_token_id,
+                                      eos_token_id=tokenizer.sep_token_id,
+                                      pad_token_id=tokenizer.pad_token_id)
+    model = transformers.Qwen2ForCausalLM(config)
 
     def nll(split, indices):  # mean next-token NLL of "[CLS] caption [SEP]", pads ignored
         enc = _caption_batch(world, tokenizer, split, indices)
@@ -196,11 +534,69 @@ def _pretrain_lm(steps, desc, batch_size=128):
     return model, tokenizer, dict(val_perplexity=round(math.exp(val_nll), 3))
 
 
-BUILTIN_BACKBONES = {  # name -> (pretraining function, default steps: one to three minutes each on 2 CPU cores)
+# name -> (pretraining function, default steps: one to three minutes each on 2 CPU cores)
+BUILTIN_BACKBONES = {
     'shapes-tiny-vision': (_pretrain_vision, 1000),
     'shapes-tiny-text': (_pretrain_text, 400),
     'shapes-tiny-lm': (_pretrain_lm, 400),
 }
+
+
+# ----------------------------------------------------------------------------- loading
+
+BACKBONE_KINDS = {  # kind -> the Hugging Face model types accepted for it
+    'vision': ('vit', 'deit', 'clip', 'clip_vision_model', 'siglip', 'siglip_vision_model'),
+    'text': ('bert', 'roberta', 'distilbert', 'mpnet', 'xlm-roberta'),
+    'mlm': ('bert', 'roberta', 'distilbert', 'xlm-roberta'),
+    'lm': None,  # any causal LM AutoModelForCausalLM knows
+}
+
+
+def unknown_backbone(name, needed, error):
+    """The UserError for an unreadable backbone: a folder without the files, or an unknown name."""
+    if Path(name).is_dir():
+        return UserError(f"backbone folder '{name}' has no {needed} that transformers can read "
+                         f"({type(error).__name__}); save the model and its tokenizer there with "
+                         f"save_pretrained")
+    return UserError(f"unknown backbone '{name}': not a local folder, and not a model that could "
+                     f"be fetched from the Hugging Face Hub ({type(error).__name__}). Give a Hub "
+                     f"id (e.g. bert-base-uncased), a local path, or one of "
+                     f"{', '.join(BUILTIN_BACKBONES)}")
+
+
+def load_backbone(name, kind, dtype=None):
+    """A pretrained backbone by Hugging Face id, local path, or built-in name (shapes-tiny-vision /
+    -text / -lm, trained on first use and then loaded through the same from_pretrained path as any
+    checkpoint). kind: 'vision' (ViT / DeiT / CLIP / SigLIP vision tower), 'text' (BERT-family
+    encoder), 'mlm' (encoder + masked-LM head), 'lm' (causal LM). Returns the HF model."""
+    path = builtin_backbone(name) if name.startswith('shapes-tiny') else name
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise unknown_backbone(name, 'config.json', e) from None
+    accepted = BACKBONE_KINDS[kind]
+    if accepted is not None and config.model_type not in accepted:
+        raise UserError(f"backbone '{name}' is a {config.model_type} model, which is not a {kind} "
+                        f"backbone (expected one of: {', '.join(accepted)})")
+    auto = dict(vision=transformers.AutoModel, text=transformers.AutoModel,
+                mlm=transformers.AutoModelForMaskedLM, lm=transformers.AutoModelForCausalLM)[kind]
+    towers = dict(clip=transformers.CLIPVisionModel, siglip=transformers.SiglipVisionModel)
+    model_class = towers.get(config.model_type, auto) if kind == 'vision' else auto
+    return model_class.from_pretrained(path, dtype=dtype or torch.float32)
+
+
+def load_tokenizer(name):
+    """The tokenizer saved with a backbone. The built-ins carry the ShapesWorld word-level
+    tokenizer, loaded as the plain fast tokenizer it is: AutoTokenizer would pick the model type's
+    class, for the built-in LM's qwen2 a byte-level BPE tokenizer that splits the words wrongly."""
+    builtin = name.startswith('shapes-tiny')
+    path = builtin_backbone(name) if builtin else name
+    tokenizer_class = (transformers.PreTrainedTokenizerFast if builtin
+                       else transformers.AutoTokenizer)
+    try:
+        return tokenizer_class.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise unknown_backbone(name, 'tokenizer files', e) from None
 
 
 if __name__ == '__main__':

@@ -1,23 +1,26 @@
 """
-blip_gated_sparse.py — a BLIP captioner with soft token gating and post-computation top-k sparse attention.
+blip_gated_sparse.py — a BLIP captioner with soft token gating and post-computation top-k sparse
+attention.
 
-Papers: BLIP, "Bootstrapping Language-Image Pre-training", Li et al., ICML 2022, arXiv 2201.12086 (code:
-        salesforce/BLIP, the captioner `BLIP_Decoder`); Explicit Sparse Transformer, Zhao et al. 2019,
-        arXiv 1912.11637 (top-k masking before the softmax). Decisions: specs/blip_gated_sparse.md.
+Papers: BLIP, "Bootstrapping Language-Image Pre-training", Li et al., ICML 2022, arXiv 2201.12086
+        (code: salesforce/BLIP, the captioner `BLIP_Decoder`); Explicit Sparse Transformer,
+        Zhao et al. 2019, arXiv 1912.11637 (top-k masking before the softmax).
+        Decisions: specs/blip_gated_sparse.md.
 
-The idea in three sentences. BLIP captions an image with a BERT-style decoder whose every layer runs causal
-self-attention over the caption so far, then cross-attention to the image tokens, then an FFN. Soft token gating
-lets each caption token scale how loudly it is heard: a small MLP maps its hidden state to g in (0, 2) that
-multiplies its key and value in self-attention (g = 1 at the start, so training starts from plain BLIP).
-Post-computation top-k sparsity lets each query keep only its ceil((1 - s) * n) highest scores among its n visible
-keys and sends the rest to the softmax's floor: the score matrix is still computed in full, only the mixing is
-sparse.
+The idea in three sentences. BLIP captions an image with a BERT-style decoder whose every layer runs
+causal self-attention over the caption so far, then cross-attention to the image tokens, then an
+FFN. Soft token gating lets each caption token scale how loudly it is heard: a small MLP maps its
+hidden state to g in (0, 2) that multiplies its key and value in self-attention (g = 1 at the start,
+so training starts from plain BLIP). Post-computation top-k sparsity lets each query keep only its
+ceil((1 - s) * n) highest scores among its n visible keys and sends the rest to the softmax's floor:
+the score matrix is still computed in full, only the mixing is sparse.
 
-    python blip_gated_sparse.py                               # ShapesWorld, gate kv + sparsity 0.7, CPU, minutes
-    python blip_gated_sparse.py --gate off --sparsity 0       # plain BLIP (the ablation's dense row)
-    python blip_gated_sparse.py --image_input latents         # VAE latents instead of pixels
-    python blip_gated_sparse.py --data coco --data_root /data/coco        # ViT-B/16 + BERT-base, 384 px
-    python blip_gated_sparse.py --data json --ann_file caps.json --image_input latents   # rows {latent, caption}
+    python blip_gated_sparse.py                 # ShapesWorld, gate kv + sparsity 0.7, CPU, minutes
+    python blip_gated_sparse.py --gate off --sparsity 0    # plain BLIP (the ablation's dense row)
+    python blip_gated_sparse.py --image_input latents      # VAE latents instead of pixels
+    python blip_gated_sparse.py --data coco --data_root /data/coco   # ViT-B/16 + BERT-base, 384 px
+    python blip_gated_sparse.py --data json --ann_file caps.json --image_input latents
+                                                           # rows {latent, caption}
 """
 import json
 import math
@@ -29,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import backbones
 import common
 from data import ShapesWorld, UserError, build_dataset, collate, eval_loader, train_batches
 
@@ -38,39 +42,55 @@ METHOD = 'blip_gated_sparse'
 
 @dataclass
 class Config(common.RunConfig):
-    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP vision checkpoint (--image_input pixels)
-    text_backbone: str = 'shapes-tiny-text'      # BERT checkpoint the decoder starts from (cross-attention is new)
-    image_input: str = 'pixels'     # pixels (a ViT over the image) | latents (precomputed VAE latents, 4 x h x w)
+    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP vision checkpoint
+                                                 # (--image_input pixels)
+    text_backbone: str = 'shapes-tiny-text'      # BERT checkpoint the decoder starts from
+                                                 # (cross-attention is new)
+    image_input: str = 'pixels'     # pixels (a ViT over the image)
+                                    # | latents (precomputed VAE latents, 4 x h x w)
     latent_layers: int = 2          # pre-LN transformer layers over the latent patches
-    latent_scale: float = 1.0       # stored latents are multiplied by this (SDXL VAE: 0.13025 for raw encoder means)
+    latent_scale: float = 1.0       # stored latents are multiplied by this
+                                    # (SDXL VAE: 0.13025 for raw encoder means)
     image_size: int = 64            # pixels (latents: the stand-in's grid is image_size / 8)
     max_len: int = 32               # prompt + caption tokens in training
-    prompt: str = 'a picture of '   # BLIP's captioning prompt: prepended, excluded from the loss and the output
+    prompt: str = 'a picture of '   # BLIP's captioning prompt: prepended,
+                                    # excluded from the loss and the output
     label_smoothing: float = 0.1    # BLIP's captioning loss
-    gate: str = 'kv'                # kv (scale each token's key and value in self-attention) | hidden | off
-    sparsity: float = 0.7           # fraction of each query's visible keys dropped after the scores (0 = dense)
+    gate: str = 'kv'                # kv (scale each token's key and value in self-attention)
+                                    # | hidden | off
+    sparsity: float = 0.7           # fraction of each query's visible keys dropped
+                                    # after the scores (0 = dense)
     sparse_in: str = 'self,cross'   # which decoder attentions are sparse: self, cross or both
     num_beams: int = 3              # beam search width at evaluation (1 = greedy)
-    max_new_tokens: int = 16        # caption tokens generated at most, [SEP] included (BLIP: max_length 20 - prompt 4)
-    min_new_tokens: int = 1         # [SEP] is forbidden before this many tokens (BLIP: min_length 5 - prompt 4)
-    kv_cache: bool = True           # decode with cached keys and values (False: the whole prefix again every step)
+    max_new_tokens: int = 16        # caption tokens generated at most, [SEP] included
+                                    # (BLIP: max_length 20 - prompt 4)
+    min_new_tokens: int = 1         # [SEP] is forbidden before this many tokens
+                                    # (BLIP: min_length 5 - prompt 4)
+    kv_cache: bool = True           # decode with cached keys and values
+                                    # (False: the whole prefix again every step)
     eval_images: int = 0            # test images captioned (0 = all: 1,000 on ShapesWorld)
-    val_images: int = 200           # val images captioned at every --eval_every (the convergence curve)
+    val_images: int = 200           # val images captioned at every --eval_every
+                                    # (the convergence curve)
 
 
-REAL = dict(vision_backbone='google/vit-base-patch16-224-in21k', text_backbone='bert-base-uncased', image_size=384,
-            max_len=40, batch_size=32, lr=1e-5, weight_decay=0.05, warmup_steps=0, max_steps=11_000, eval_every=2000,
-            val_images=1000, log_every=50, grad_checkpointing=True,  # BLIP caption_coco.yaml: 8 x 32, 5 epochs
+REAL = dict(vision_backbone='google/vit-base-patch16-224-in21k', text_backbone='bert-base-uncased',
+            image_size=384, max_len=40, batch_size=32, lr=1e-5, weight_decay=0.05, warmup_steps=0,
+            max_steps=11_000, eval_every=2000, val_images=1000, log_every=50,
+            grad_checkpointing=True,  # BLIP caption_coco.yaml: 8 x 32, 5 epochs
             latent_scale=0.13025)  # --image_input latents: files of raw SDXL-VAE latents
 PRESETS = {
-    'shapes': dict(batch_size=64, max_steps=1200, lr=5e-4, warmup_steps=100, weight_decay=0.05, eval_every=200,
-                   log_every=20),
+    'shapes': dict(batch_size=64, max_steps=1200, lr=5e-4, warmup_steps=100, weight_decay=0.05,
+                   eval_every=200, log_every=20),
     'coco': REAL, 'flickr30k': REAL, 'json': REAL,
 }
 
 
-SHAPE_FLAGS = '--gate / --image_input / --latent_layers or the backbones'  # what a checkpoint must match
+# what a checkpoint must match
+SHAPE_FLAGS = '--gate / --image_input / --latent_layers or the backbones'
 
+
+def sparse_places(cfg):
+    return [p.strip() for p in cfg.sparse_in.split(',') if p.strip()]
 
 def check_config(cfg):
     choices = dict(image_input=('pixels', 'latents'), gate=('kv', 'hidden', 'off'))
@@ -78,23 +98,24 @@ def check_config(cfg):
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name} '{getattr(cfg, name)}' is not one of {', '.join(allowed)}")
     if not 0 <= cfg.sparsity < 1:
-        raise UserError(f"--sparsity {cfg.sparsity} must be in [0, 1): the fraction of visible keys dropped")
+        raise UserError(f"--sparsity {cfg.sparsity} must be in [0, 1): "
+                        f"the fraction of visible keys dropped")
     if not sparse_places(cfg) or not set(sparse_places(cfg)) <= {'self', 'cross'}:
-        raise UserError(f"--sparse_in '{cfg.sparse_in}' must name self, cross or both (comma-separated)")
-    if cfg.num_beams < 1 or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens or cfg.max_new_tokens < 1:
-        raise UserError(f"--num_beams ({cfg.num_beams}) and --max_new_tokens ({cfg.max_new_tokens}) must be >= 1, "
-                        f"and 0 <= --min_new_tokens ({cfg.min_new_tokens}) <= --max_new_tokens")
+        raise UserError(f"--sparse_in '{cfg.sparse_in}' must name self, cross or both "
+                        f"(comma-separated)")
+    if (cfg.num_beams < 1 or not 0 <= cfg.min_new_tokens <= cfg.max_new_tokens
+            or cfg.max_new_tokens < 1):
+        raise UserError(f"--num_beams ({cfg.num_beams}) and --max_new_tokens "
+                        f"({cfg.max_new_tokens}) must be >= 1, and 0 <= --min_new_tokens "
+                        f"({cfg.min_new_tokens}) <= --max_new_tokens")
 
-
-def sparse_places(cfg):
-    return [p.strip() for p in cfg.sparse_in.split(',') if p.strip()]
 
 # ----------------------------------------------------------------------------- the two techniques
 
 class TokenGate(nn.Module):
-    """Soft token gating: g_t = 2 * sigmoid(W2 GELU(W1 h_t)) in (0, 2), one scalar per token, computed from the
-    token's own hidden state (position-wise, so causal-safe). W2 and its bias start at zero: g = 1 exactly, and
-    the gated model starts as plain BLIP. Padding gets g = 0."""
+    """Soft token gating: g_t = 2 * sigmoid(W2 GELU(W1 h_t)) in (0, 2), one scalar per token,
+    computed from the token's own hidden state (position-wise, so causal-safe). W2 and its bias
+    start at zero: g = 1 exactly, and the gated model starts as plain BLIP. Padding gets g = 0."""
 
     def __init__(self, dim):
         super().__init__()
@@ -107,25 +128,29 @@ class TokenGate(nn.Module):
 
 
 class TopK:
-    """Post-computation top-k, a score hook of common.Attention (it runs after the causal and padding masks):
-    query i keeps its k_i = max(1, ceil((1 - sparsity) * n_i)) highest scores among its n_i visible keys (ties at
-    the k_i-th score are all kept); every other score becomes finfo.min (never -1e10, which overflows in fp16), so
-    the softmax gives it weight 0. k_i depends only on what query i can see, so a cached decoding step keeps the
-    same keys as teacher forcing. With `counting` on it tallies kept / visible connections (attn_kept_frac) over
-    the queries that `query_mask` (B, L) marks as real tokens (a pad's own row is no connection of the caption)."""
+    """Post-computation top-k, applied by GatedSparseAttention after the causal and padding masks:
+    query i keeps its k_i = max(1, ceil((1 - sparsity) * n_i)) highest scores among its n_i visible
+    keys (ties at the k_i-th score are all kept); every other score becomes finfo.min (never -1e10,
+    which overflows in fp16), so the softmax gives it weight 0. k_i depends only on what query i can
+    see, so a cached decoding step keeps the same keys as teacher forcing. With `counting` on it
+    tallies kept / visible connections (attn_kept_frac) over the queries that `query_mask` (B, L)
+    marks as real tokens (a pad's own row is no connection of the caption)."""
 
     def __init__(self, sparsity):
-        self.sparsity, self.counting, self.query_mask, self.kept, self.visible = sparsity, False, None, 0, 0
+        self.sparsity, self.counting, self.query_mask = sparsity, False, None
+        self.kept, self.visible = 0, 0
 
     def __call__(self, scores, mask):  # scores (B, H, Lq, Lk) masked; mask additive or None
         low = torch.finfo(scores.dtype).min
         visible = (torch.ones_like(scores, dtype=torch.bool) if mask is None
                    else (mask > torch.finfo(mask.dtype).min / 2).expand_as(scores))
         n = visible.sum(-1, keepdim=True)                                        # (B, H, Lq, 1)
-        kept_share = ((1 - self.sparsity) * n.double() * 1e9).round() / 1e9     # (1 - 0.7) * 10 is 3.0000000000000004
+        # (1 - 0.7) * 10 is 3.0000000000000004
+        kept_share = ((1 - self.sparsity) * n.double() * 1e9).round() / 1e9
         k = kept_share.ceil().clamp(min=1).long()
         ranked = scores.masked_fill(~visible, -math.inf).sort(-1, descending=True).values
-        tau = ranked.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1))          # k-th largest visible score
+        # k-th largest visible score
+        tau = ranked.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1))
         keep = visible & (scores >= tau)
         if self.counting:
             rows = self.query_mask.bool()[:, None, :, None]                      # (B, 1, Lq, 1)
@@ -133,24 +158,98 @@ class TopK:
             self.visible += (visible & rows).sum().item()
         return scores.masked_fill(~keep, low)
 
+
+class GatedSparseAttention(backbones.Attention):
+    """The decoder's multi-head attention with both techniques on one screen (the parameters are
+    those of backbones.Attention, so BERT's weights load into it by the same key map):
+      1. soft token gating: each token's key and value are multiplied by its gate g (B, L), so a
+         token with g < 1 is heard less by every later token;
+      2. post-computation top-k: the full score matrix is computed and masked, then each query
+         keeps only its top-k visible scores (self.topk, a TopK; None = dense, and the fused SDPA
+         kernel runs).
+    `past` holds the keys and values of the tokens decoded so far (gated already): a cached
+    decoding step attends to them and to its own, and gets teacher forcing's result."""
+    topk = None
+
+    def forward(self, x, context=None, mask=None, return_attn=False, gate=None, past=None):
+        """x (B, Lq, D), context (B, Lk, kv_dim) or None, mask additive (B, 1, Lq, Lk),
+        gate (B, Lq) or None -> out (B, Lq, D), probs (B, H, Lq, Lk) or None,
+        (k, v) each (B, H, past + Lq, Dh) for the cache."""
+        context = x if context is None else context
+        split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
+        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))  # (B, H, L, Dh)
+        if gate is not None:  # a suppressed token is heard less by every later token
+            k, v = k * gate[:, None, :, None], v * gate[:, None, :, None]
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        # summed masks can reach -inf: clamp, so a row with no visible key stays finite
+        if mask is not None:
+            mask = mask.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
+        p_drop = self.dropout if self.training else 0.0
+        probs = None
+        if self.topk is None and not return_attn:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])             # (B, H, Lq, Lk)
+            scores = scores if mask is None else scores + mask
+            # every score outside a query's top k goes to the softmax's floor
+            if self.topk is not None:
+                scores = self.topk(scores, mask)
+            probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+            out = F.dropout(probs, p_drop, self.training) @ v                     # (B, H, Lq, Dh)
+        return self.proj(out.transpose(1, 2).flatten(2)), probs, (k, v)
+
+
+class DecoderLayer(backbones.BertLayer):
+    """BLIP's decoder layer: a post-LN BERT layer built with GatedSparseAttention: causal
+    self-attention over the caption (gated keys and values, cached when decoding)
+    -> cross-attention to the image tokens -> FFN."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, attention=GatedSparseAttention, **kwargs)
+
+    def forward(self, x, mask, image, gate=None, past=None, return_attn=False):
+        """x (B, L, D), mask (B, 1, L, past + L), image (B, M, Dv)
+        -> x, self-attention probs, (k, v)."""
+        h, probs, kv = self.self_attn(x, mask=mask, return_attn=return_attn, gate=gate, past=past)
+        x = self.norm1(x + self.drop(h))
+        h, _, _ = self.cross_attn(x, image)  # every image token is visible
+        x = self.norm_cross(x + self.drop(h))
+        return self.norm2(x + self.drop(self.mlp(x))), probs, kv
+
 # ----------------------------------------------------------------------------- model
 
+def sincos_2d(h, w, dim):
+    """Fixed 2-D sin-cos position embedding (MAE's): half the channels encode the row, half the
+    column. -> (h*w, D)"""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)                     # (D/4,)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    parts = [f(pos.flatten()[:, None].float() * freq)
+             for pos in (rows, cols) for f in (torch.sin, torch.cos)]
+    out = torch.cat(parts, 1)                                                    # (h*w, 4 * (D/4))
+    return F.pad(out, (0, dim - out.shape[1]))
+
+
 class LatentEncoder(nn.Module):
-    """VAE latents (B, 4, h, w) -> image tokens (B, ceil(h/2) * ceil(w/2), D): 2x2 patches (Conv2d(4, D, 2, 2)),
-    2-D sin-cos positions of the actual grid (any h, w), pre-LN transformer layers, final LN."""
+    """VAE latents (B, 4, h, w) -> image tokens (B, ceil(h/2) * ceil(w/2), D): 2x2 patches
+    (Conv2d(4, D, 2, 2)), 2-D sin-cos positions of the actual grid (any h, w), pre-LN transformer
+    layers, final LN."""
 
     def __init__(self, dim, depth, heads, channels=4):
         super().__init__()
         self.channels = channels
         self.patch = nn.Conv2d(channels, dim, 2, stride=2)
-        self.blocks = nn.ModuleList(common.ViTBlock(dim, heads, 4 * dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(backbones.ViTBlock(dim, heads, 4 * dim) for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, z):
         if z.dim() != 4 or z.shape[1] != self.channels or min(z.shape[2:]) < 1:
-            raise UserError(f"latent input must be (batch, {self.channels}, h, w) VAE latents; got a tensor of shape "
-                            f"{tuple(z.shape)}: store each latent as a ({self.channels}, h, w) array")
-        z = F.pad(z, (0, z.shape[3] % 2, 0, z.shape[2] % 2))                    # an odd side gets a zero row/column
+            raise UserError(f"latent input must be (batch, {self.channels}, h, w) VAE latents; "
+                            f"got a tensor of shape {tuple(z.shape)}: store each latent as a "
+                            f"({self.channels}, h, w) array")
+        # an odd side gets a zero row/column
+        z = F.pad(z, (0, z.shape[3] % 2, 0, z.shape[2] % 2))
         x = self.patch(z)                                                        # (B, D, h', w')
         x = x.flatten(2).transpose(1, 2) + sincos_2d(*x.shape[2:], x.shape[1]).to(x)  # (B, h'w', D)
         for block in self.blocks:
@@ -158,75 +257,9 @@ class LatentEncoder(nn.Module):
         return self.norm(x)
 
 
-def sincos_2d(h, w, dim):
-    """Fixed 2-D sin-cos position embedding (MAE's): half the channels encode the row, half the column. -> (h*w, D)"""
-    quarter = dim // 4
-    freq = 1.0 / 10000 ** (torch.arange(quarter) / quarter)                     # (D/4,)
-    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
-    parts = [f(pos.flatten()[:, None].float() * freq) for pos in (rows, cols) for f in (torch.sin, torch.cos)]
-    out = torch.cat(parts, 1)                                                    # (h*w, 4 * (D/4))
-    return F.pad(out, (0, dim - out.shape[1]))
-
-
-class Decoder(nn.Module):
-    """BLIP's text decoder: BERT layers (post-LN) with causal self-attention -> cross-attention to the image
-    tokens -> FFN, the BERT LM head tied to the word embeddings. Gates (one per layer) and top-k hooks are
-    attached here. forward() serves teacher forcing and cached decoding alike."""
-
-    def __init__(self, cfg, text_hf, image_dim, vocab_size):
-        super().__init__()
-        n = text_hf.config.num_hidden_layers
-        self.embeddings, self.layers, self.lm_head, _ = common.bert_from_hf(text_hf, cross_layers=range(n),
-                                                                            cross_dim=image_dim)
-        if vocab_size > self.embeddings.word.num_embeddings:  # the tokenizer gained [DEC] (BERT has no BOS)
-            grow_vocab(self.embeddings, self.lm_head, vocab_size)
-        self.gate = cfg.gate
-        dim = text_hf.config.hidden_size
-        self.gates = nn.ModuleList(TokenGate(dim) for _ in range(n)) if cfg.gate != 'off' else None
-        self.topk = TopK(cfg.sparsity)
-        if cfg.sparsity > 0:  # at 0 no hook: the fused SDPA kernel runs, as in plain BLIP
-            for layer in self.layers:
-                layer.self_attn.score_hook = self.topk if 'self' in sparse_places(cfg) else None
-                layer.cross_attn.score_hook = self.topk if 'cross' in sparse_places(cfg) else None
-        self.last_gates = []  # the gates of the last forward, (B, L) per layer (evaluation and the PNG read them)
-
-    def forward(self, ids, image, mask=None, cache=None, return_attn=False):
-        """ids (B, L), image tokens (B, M, Dv), mask (B, L) 0/1 -> logits (B, L, V) [, self-attention probs per
-        layer]. cache: a list (empty at the start) that keeps each layer's gated keys and values; called again
-        with the next tokens it continues the sequence (no padding then), giving teacher forcing's logits."""
-        past = cache[0][0].shape[2] if cache else 0
-        B, L = ids.shape
-        mask = torch.ones_like(ids) if mask is None else mask
-        keys = torch.cat([torch.ones(B, past, dtype=mask.dtype, device=ids.device), mask], 1)  # (B, past + L)
-        attn_mask = common.padding_mask(keys) + common.causal_mask(past + L, ids.device)[past:]  # (B, 1, L, past+L)
-        x = self.embeddings(ids, offset=past)                                    # (B, L, D)
-        self.last_gates, attns = [], []
-        for i, layer in enumerate(self.layers):
-            g = self.gates[i](x, mask) if self.gates is not None else None      # (B, L) gate of each token
-            if self.gate == 'hidden':  # the state entering the layer is scaled (not cancelled: LN(gx + attn(gx)))
-                x = x * g[..., None]
-            q, k, v = layer.self_attn.project(x, x)                              # (B, H, L, Dh)
-            if self.gate == 'kv':  # a suppressed token is heard less by every later token
-                k, v = k * g[:, None, :, None], v * g[:, None, :, None]
-            if cache is not None:
-                if len(cache) == i:
-                    cache.append((k, v))
-                else:
-                    k, v = torch.cat([cache[i][0], k], 2), torch.cat([cache[i][1], v], 2)
-                    cache[i] = (k, v)
-            h, probs = layer.self_attn.attend(q, k, v, attn_mask, return_attn)
-            x = layer.norm1(x + layer.drop(h))
-            h, _ = layer.cross_attn(x, image)                                    # every image token is visible
-            x = layer.norm_cross(x + layer.drop(h))
-            x = layer.norm2(x + layer.drop(layer.mlp(x)))
-            self.last_gates.append(g)
-            attns.append(probs)
-        logits = self.lm_head(x)                                                 # (B, L, V)
-        return (logits, attns) if return_attn else logits
-
-
 def grow_vocab(embeddings, lm_head, vocab_size):
-    """Add rows for new tokens to the word embeddings (HF's init: normal, std 0.02) and re-tie the LM head."""
+    """Add rows for new tokens to the word embeddings (HF's init: normal, std 0.02) and re-tie the
+    LM head."""
     old = embeddings.word
     word = nn.Embedding(vocab_size, old.embedding_dim, padding_idx=old.padding_idx)
     nn.init.normal_(word.weight, std=0.02)
@@ -239,9 +272,74 @@ def grow_vocab(embeddings, lm_head, vocab_size):
     lm_head.decoder = decoder
 
 
+class Decoder(nn.Module):
+    """BLIP's text decoder: BERT layers (post-LN) with causal self-attention -> cross-attention to
+    the image tokens -> FFN, the BERT LM head tied to the word embeddings. Gates (one per layer)
+    and top-k hooks are attached here. forward() serves teacher forcing and cached decoding
+    alike."""
+
+    def __init__(self, cfg, text_hf, image_dim, vocab_size):
+        super().__init__()
+        n = text_hf.config.num_hidden_layers
+        self.embeddings, self.layers, self.lm_head, _ = backbones.bert_from_hf(
+            text_hf, cross_layers=range(n), cross_dim=image_dim, layer_class=DecoderLayer)
+        # the tokenizer gained [DEC] (BERT has no BOS)
+        if vocab_size > self.embeddings.word.num_embeddings:
+            grow_vocab(self.embeddings, self.lm_head, vocab_size)
+        self.gate = cfg.gate
+        dim = text_hf.config.hidden_size
+        self.gates = nn.ModuleList(TokenGate(dim) for _ in range(n)) if cfg.gate != 'off' else None
+        self.topk = TopK(cfg.sparsity)
+        if cfg.sparsity > 0:  # at 0 no top-k: the fused SDPA kernel runs, as in plain BLIP
+            for layer in self.layers:
+                layer.self_attn.topk = self.topk if 'self' in sparse_places(cfg) else None
+                layer.cross_attn.topk = self.topk if 'cross' in sparse_places(cfg) else None
+        # the gates of the last forward, (B, L) per layer (evaluation and the PNG read them)
+        self.last_gates = []
+
+    def embed(self, ids, past):
+        # (B, L) -> (B, L, D): BERT's embeddings at positions past .. past + L - 1
+        e = self.embeddings
+        positions = torch.arange(past, past + ids.shape[1], device=ids.device)
+        return e.drop(e.norm(e.word(ids) + e.position(positions) + e.token_type.weight[0]))
+
+    def forward(self, ids, image, mask=None, cache=None, return_attn=False):
+        """ids (B, L), image tokens (B, M, Dv), mask (B, L) 0/1 -> logits (B, L, V)
+        [, self-attention probs per layer]. cache: a list (empty at the start) that keeps each
+        layer's gated keys and values; called again with the next tokens it continues the sequence
+        (no padding then), giving teacher forcing's logits."""
+        past = cache[0][0].shape[2] if cache else 0
+        B, L = ids.shape
+        mask = torch.ones_like(ids) if mask is None else mask
+        past_keys = torch.ones(B, past, dtype=mask.dtype, device=ids.device)
+        keys = torch.cat([past_keys, mask], 1)                                   # (B, past + L)
+        padding = backbones.padding_mask(keys)                                   # (B, 1, 1, past+L)
+        causal = backbones.causal_mask(past + L, ids.device)[past:]              # (L, past + L)
+        attn_mask = padding + causal                                             # (B, 1, L, past+L)
+        x = self.embed(ids, past)                                                # (B, L, D)
+        self.last_gates, attns = [], []
+        for i, layer in enumerate(self.layers):
+            # (B, L) gate of each token
+            g = self.gates[i](x, mask) if self.gates is not None else None
+            # the state entering the layer is scaled (not cancelled: LN(gx + attn(gx)))
+            if self.gate == 'hidden':
+                x = x * g[..., None]
+            # keys decoded so far
+            past_kv = cache[i] if cache is not None and len(cache) > i else None
+            kv_gate = g if self.gate == 'kv' else None
+            x, probs, kv = layer(x, attn_mask, image, kv_gate, past_kv, return_attn)
+            if cache is not None:
+                cache[i:i + 1] = [kv]  # append, or replace layer i's
+            self.last_gates.append(g)
+            attns.append(probs)
+        logits = self.lm_head(x)                                                 # (B, L, V)
+        return (logits, attns) if return_attn else logits
+
+
 def decoder_tokenizer(name):
-    """The backbone's tokenizer with a decoder BOS: the built-in has [DEC]; BERT's gets it added, as BLIP does."""
-    tokenizer = common.load_tokenizer(name)
+    """The backbone's tokenizer with a decoder BOS: the built-in has [DEC]; BERT's gets it added,
+    as BLIP does."""
+    tokenizer = backbones.load_tokenizer(name)
     if tokenizer.bos_token_id is None or tokenizer.bos_token_id == tokenizer.cls_token_id:
         tokenizer.add_special_tokens({'bos_token': '[DEC]'})
     return tokenizer
@@ -254,15 +352,17 @@ class Captioner(nn.Module):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         if cfg.image_input == 'pixels':
-            self.image_encoder = common.vit_from_hf(vision_hf, cfg.image_size)
+            self.image_encoder = backbones.vit_from_hf(vision_hf, cfg.image_size)
             self.image_encoder.grad_checkpointing = cfg.grad_checkpointing
             image_dim = vision_hf.config.hidden_size
         else:
             image_dim = text_hf.config.hidden_size
-            self.image_encoder = LatentEncoder(image_dim, cfg.latent_layers, text_hf.config.num_attention_heads)
+            heads = text_hf.config.num_attention_heads
+            self.image_encoder = LatentEncoder(image_dim, cfg.latent_layers, heads)
         self.decoder = Decoder(cfg, text_hf, image_dim, len(tokenizer))
         self.bos_id, self.eos_id = tokenizer.bos_token_id, tokenizer.sep_token_id
-        self.n_prompt = len(tokenizer(cfg.prompt).input_ids) - 1  # BOS + prompt words (the [SEP] is not prompt)
+        # BOS + prompt words (the [SEP] is not prompt)
+        self.n_prompt = len(tokenizer(cfg.prompt).input_ids) - 1
 
     def encode_image(self, images):  # pixels (B, 3, H, W) or latents (B, 4, h, w) -> (B, M, Dv)
         if self.cfg.image_input == 'latents':
@@ -270,10 +370,12 @@ class Captioner(nn.Module):
         return self.image_encoder(images)
 
     def tokenize(self, captions):
-        """Captions -> ids (B, L) = [DEC] prompt caption [SEP] [pads], mask (B, L), labels (B, L): -100 on the
-        BOS, the prompt and the pads, so the loss covers the caption and its [SEP] (which teaches stopping)."""
-        enc = self.tokenizer([self.cfg.prompt + c for c in captions], padding='longest', truncation=True,
-                             max_length=self.cfg.max_len, return_tensors='pt')
+        """Captions -> ids (B, L) = [DEC] prompt caption [SEP] [pads], mask (B, L), labels (B, L):
+        -100 on the BOS, the prompt and the pads, so the loss covers the caption and its [SEP]
+        (which teaches stopping)."""
+        texts = [self.cfg.prompt + c for c in captions]
+        enc = self.tokenizer(texts, padding='longest', truncation=True, max_length=self.cfg.max_len,
+                             return_tensors='pt')
         ids, mask = enc.input_ids.clone(), enc.attention_mask
         ids[:, 0] = self.bos_id                                                  # [CLS] -> [DEC]
         labels = ids.masked_fill(mask == 0, -100)
@@ -287,10 +389,11 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, image, num_beams=None, kv_cache=None):
-        """Beam search (greedy at num_beams 1) from image tokens (B, M, Dv) -> B captions without the prompt.
-        A hypothesis ends at [SEP] (forbidden before min_new_tokens) and is scored by its summed log-probs over its
-        new tokens (length penalty 1); a caption is done once it has num_beams finished hypotheses (HF's
-        early_stopping=True), and the best of its finished and surviving hypotheses is returned."""
+        """Beam search (greedy at num_beams 1) from image tokens (B, M, Dv) -> B captions without
+        the prompt. A hypothesis ends at [SEP] (forbidden before min_new_tokens) and is scored by
+        its summed log-probs over its new tokens (length penalty 1); a caption is done once it has
+        num_beams finished hypotheses (HF's early_stopping=True), and the best of its finished and
+        surviving hypotheses is returned."""
         cfg, K = self.cfg, num_beams or self.cfg.num_beams
         kv_cache = cfg.kv_cache if kv_cache is None else kv_cache
         B, device = len(image), image.device
@@ -298,25 +401,31 @@ class Captioner(nn.Module):
         image, cache = image.repeat_interleave(K, 0), [] if kv_cache else None
         logits = self.decoder(prompt, image, cache=cache)[:, -1]                 # (B*K, V)
         scores = torch.full((B, K), -math.inf, device=device)
-        scores[:, 0] = 0                                                         # all beams start as one
+        scores[:, 0] = 0  # all beams start as one
         tokens = torch.zeros(B * K, 0, dtype=torch.long, device=device)
-        finished = [[] for _ in range(B)]                                        # (normalised score, token list)
+        finished = [[] for _ in range(B)]  # (normalised score, token list)
         for t in range(cfg.max_new_tokens):
             logp = F.log_softmax(logits.float(), -1)                             # (B*K, V)
             if t < cfg.min_new_tokens:
                 logp[:, self.eos_id] = -math.inf
             V = logp.shape[1]
-            top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(2 * K, 1)  # (B, 2K) best continuations
-            beam, token = index // V, index % V                                  # (B, 2K) from which beam, which token
+            # (B, 2K) best continuations: from which beam, which token
+            top, index = (scores.view(-1, 1) + logp).view(B, K * V).topk(2 * K, 1)
+            beam, token = index // V, index % V
             is_eos = token == self.eos_id
-            for b, j in (is_eos[:, :K]).nonzero().tolist():  # EOS among the K best: a finished hypothesis
+            # EOS among the K best: a finished hypothesis
+            for b, j in (is_eos[:, :K]).nonzero().tolist():
                 if len(finished[b]) < K:
-                    finished[b].append((top[b, j].item() / (t + 1), tokens[b * K + beam[b, j]].tolist()))
+                    normalised = top[b, j].item() / (t + 1)
+                    finished[b].append((normalised, tokens[b * K + beam[b, j]].tolist()))
             if all(len(f) >= K for f in finished):
                 break
-            # the K best non-EOS continuations survive (each beam adds at most one EOS, so 2K hold at least K others)
-            alive = (is_eos.long() * 2 * K + torch.arange(2 * K, device=device)).argsort(1)[:, :K]  # (B, K)
-            source = (torch.arange(B, device=device)[:, None] * K + beam.gather(1, alive)).flatten()  # (B*K,) rows
+            # the K best non-EOS continuations survive (each beam adds at most one EOS, so 2K hold
+            # at least K others)
+            eos_last = is_eos.long() * 2 * K + torch.arange(2 * K, device=device)  # (B, 2K)
+            alive = eos_last.argsort(1)[:, :K]                                   # (B, K)
+            first_row = torch.arange(B, device=device)[:, None] * K              # (B, 1)
+            source = (first_row + beam.gather(1, alive)).flatten()               # (B*K,) rows
             scores, new = top.gather(1, alive), token.gather(1, alive).flatten()  # (B, K), (B*K,)
             tokens = torch.cat([tokens[source], new[:, None]], 1)                # (B*K, t+1)
             if kv_cache:
@@ -328,21 +437,66 @@ class Captioner(nn.Module):
         for b in range(B):
             pool = list(finished[b])
             if len(pool) < K:  # not done at max_new_tokens: the surviving beams compete too
-                pool += [(scores[b, j].item() / tokens.shape[1], tokens[b * K + j].tolist()) for j in range(K)]
-            captions.append(self.tokenizer.decode(max(pool, key=lambda p: p[0])[1], skip_special_tokens=True))
+                pool += [(scores[b, j].item() / tokens.shape[1], tokens[b * K + j].tolist())
+                         for j in range(K)]
+            best_tokens = max(pool, key=lambda p: p[0])[1]
+            captions.append(self.tokenizer.decode(best_tokens, skip_special_tokens=True))
         return captions
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model, cfg, split, run, world, png=None, blind=True):
-    """Beam-search captions of the split's images against their references (bleu4 meteor rouge_l cider); with
-    blind, the same decoder with the image tokens zeroed (blind_cider). One teacher-forced pass over each image's
-    first reference gives attn_kept_frac (kept / visible attention connections) and the gate statistics."""
+def draw(model, cfg, raw, caption, device, path):
+    """PNG: test image 0 beside its generated caption, each token shaded by its gate (mean over
+    layers, / 2 so that 1 = no change sits mid-scale), then the self-attention of the caption's
+    last token in the last layer, dense and after top-k (marked: the keys that every head
+    dropped). Latents are shown by their first three channels (the ShapesWorld stand-in's block
+    means of R, G, B; a false-colour view of a real VAE latent)."""
+    decoder = model.decoder
+    ids, mask, _ = model.tokenize([caption])
+    ids, mask = ids.to(device), mask.to(device)
+    image = model.encode_image(raw[None].to(device))
+    words = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+    _, sparse = decoder(ids, image, mask, return_attn=True)
+    rows = []
+    if decoder.gates is not None:
+        gate = torch.stack(decoder.last_gates).mean(0)[0]                       # (L,)
+        rows.append((f'gate / 2 (--gate {cfg.gate}, mean over layers)',
+                     [(w, g / 2, False) for w, g in zip(words, gate.tolist())]))
+    hooks = [(a, a.topk) for layer in decoder.layers for a in (layer.self_attn, layer.cross_attn)]
+    for attention, _ in hooks:
+        attention.topk = None
+    _, dense = decoder(ids, image, mask, return_attn=True)
+    for attention, topk in hooks:
+        attention.topk = topk
+    last = len(words) - 1
+    dense_row = dense[-1][0].mean(0)[last]                                     # (L,) heads averaged
+    sparse_row = sparse[-1][0].mean(0)[last] if sparse[-1] is not None else dense_row
+    peak = dense_row.max().item()
+    rows.append((f"self-attention of '{words[last]}', last layer, dense (/ row max)",
+                 [(w, p / peak, False) for w, p in zip(words, dense_row.tolist())]))
+    where = 'self' in sparse_places(cfg) and cfg.sparsity > 0
+    label = (f'after top-k, sparsity {cfg.sparsity} (marked: dropped by every head)' if where
+             else 'top-k is off in self-attention (--sparsity 0 or --sparse_in cross): '
+                  'the same as dense')
+    entries = [(w, s / peak, d > 0 and s == 0)
+               for w, d, s in zip(words, dense_row.tolist(), sparse_row.tolist())]
+    rows.append((label, entries))
+    title = f'{METHOD}: test image 0 (--image_input {cfg.image_input})'
+    common.render_tokens(raw[:3], rows, str(path), title=title, mark_label='dropped by top-k')
+
+@torch.no_grad()
+def evaluate(model, cfg, split, run, world, png=None):
+    """Beam-search captions of the split's images against their references (bleu4 meteor rouge_l
+    cider); on test, the same decoder with the image tokens zeroed too (blind_cider). One
+    teacher-forced pass over each image's first reference gives attn_kept_frac (kept / visible
+    attention connections) and the gate statistics."""
     model.eval()
+    # the blind control is a second beam search: the per-eval val curve skips it
+    blind = split == 'test'
     n_images = cfg.eval_images if split == 'test' else cfg.val_images
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                            image_input=cfg.image_input, max_images=n_images)
+    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
+                            world=world, image_input=cfg.image_input, max_images=n_images)
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_len=cfg.max_len)
     predictions, blind_predictions, references, gates = {}, {}, {}, []
     topk = model.decoder.topk
@@ -363,9 +517,11 @@ def evaluate(model, cfg, split, run, world, png=None, blind=True):
     metrics = common.caption_metrics(predictions, references)
     if blind:
         metrics['blind_cider'] = common.caption_metrics(blind_predictions, references)['cider']
-    metrics['attn_kept_frac'] = topk.kept / topk.visible if topk.visible else 1.0  # dense: everything is kept
+    # dense: everything is kept
+    metrics['attn_kept_frac'] = topk.kept / topk.visible if topk.visible else 1.0
     gates = torch.cat(gates) if gates else torch.ones(1)
-    metrics.update(gate_mean=gates.mean().item(), gate_std=gates.std().item() if len(gates) > 1 else 0.0)
+    metrics.update(gate_mean=gates.mean().item(),
+                   gate_std=gates.std().item() if len(gates) > 1 else 0.0)
     if png:
         draw(model, cfg, dataset[0]['image'], predictions[dataset[0]['image_id']], run.device, png)
     model.train()
@@ -373,51 +529,23 @@ def evaluate(model, cfg, split, run, world, png=None, blind=True):
 
 
 def steps_to_fraction(log_path, fraction):
-    """First eval step whose val CIDEr reaches `fraction` of the run's best (from log.jsonl, so a resumed run counts
-    its evals before the resume too); None without an eval or with a best of 0."""
-    curve = [(row['step'], row['val_cider']) for row in map(json.loads, Path(log_path).read_text().splitlines())
-             if 'val_cider' in row]
+    """First eval step whose val CIDEr reaches `fraction` of the run's best (from log.jsonl, so a
+    resumed run counts its evals before the resume too); None without an eval or with a best
+    of 0."""
+    log_rows = map(json.loads, Path(log_path).read_text().splitlines())
+    curve = [(row['step'], row['val_cider']) for row in log_rows if 'val_cider' in row]
     best = max((c for _, c in curve), default=0)
     return next((s for s, c in curve if c >= fraction * best), None) if best > 0 else None
 
 
-@torch.no_grad()
-def draw(model, cfg, raw, caption, device, path):
-    """PNG: test image 0 beside its generated caption, each token shaded by its gate (mean over layers, / 2 so that
-    1 = no change sits mid-scale), then the self-attention of the caption's last token in the last layer, dense
-    and after top-k (marked: the keys that every head dropped). Latents are shown by their first three channels (the
-    ShapesWorld stand-in's block means of R, G, B; a false-colour view of a real VAE latent)."""
-    decoder = model.decoder
-    ids, mask, _ = model.tokenize([caption])
-    ids, mask = ids.to(device), mask.to(device)
-    image = model.encode_image(raw[None].to(device))
-    words = model.tokenizer.convert_ids_to_tokens(ids[0].tolist())
-    _, sparse = decoder(ids, image, mask, return_attn=True)
-    rows = []
-    if decoder.gates is not None:
-        gate = torch.stack(decoder.last_gates).mean(0)[0]                       # (L,)
-        rows.append((f'gate / 2 (--gate {cfg.gate}, mean over layers)',
-                     [(w, g / 2, False) for w, g in zip(words, gate.tolist())]))
-    hooks = [(a, a.score_hook) for layer in decoder.layers for a in (layer.self_attn, layer.cross_attn)]
-    for attention, _ in hooks:
-        attention.score_hook = None
-    _, dense = decoder(ids, image, mask, return_attn=True)
-    for attention, hook in hooks:
-        attention.score_hook = hook
-    last = len(words) - 1
-    dense_row = dense[-1][0].mean(0)[last]                                       # (L,) heads averaged
-    sparse_row = sparse[-1][0].mean(0)[last] if sparse[-1] is not None else dense_row
-    peak = dense_row.max().item()
-    rows.append((f"self-attention of '{words[last]}', last layer, dense (/ row max)",
-                 [(w, p / peak, False) for w, p in zip(words, dense_row.tolist())]))
-    where = 'self' in sparse_places(cfg) and cfg.sparsity > 0
-    rows.append((f'after top-k, sparsity {cfg.sparsity} (marked: dropped by every head)' if where else
-                 'top-k is off in self-attention (--sparsity 0 or --sparse_in cross): the same as dense',
-                 [(w, s / peak, d > 0 and s == 0) for w, d, s in zip(words, dense_row.tolist(), sparse_row.tolist())]))
-    common.render_tokens(raw[:3], rows, str(path), title=f'{METHOD}: test image 0 (--image_input {cfg.image_input})',
-                         mark_label='dropped by top-k')
-
 # ----------------------------------------------------------------------------- training loop
+
+def caption_loss(captioner, batch, device):
+    """One micro-batch's loss: the captions tokenised (prompt, caption, [SEP]) and the model's
+    smoothed CE. captioner: the model, or its DDP / compiled wrapper."""
+    ids, mask, labels = (t.to(device) for t in common.unwrap(captioner).tokenize(batch['caption']))
+    return captioner(batch['image'].to(device, non_blocking=True), ids, mask, labels)
+
 
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
@@ -425,19 +553,23 @@ def main(argv=None):
     run = common.setup(cfg)
     out = Path(cfg.out_dir)
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
+    # fail early on a bad path or the wrong row kind
     build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                  image_input=cfg.image_input, max_images=1)  # fail early on a bad path or the wrong row kind
+                  image_input=cfg.image_input, max_images=1)
     tokenizer = decoder_tokenizer(cfg.text_backbone)
-    vision = common.load_backbone(cfg.vision_backbone, 'vision') if cfg.image_input == 'pixels' else None
-    model = Captioner(cfg, tokenizer, vision, common.load_backbone(cfg.text_backbone, 'mlm')).to(run.device)
+    vision = (backbones.load_backbone(cfg.vision_backbone, 'vision')
+              if cfg.image_input == 'pixels' else None)
+    text = backbones.load_backbone(cfg.text_backbone, 'mlm')
+    model = Captioner(cfg, tokenizer, vision, text).to(run.device)
     if run.is_main:
+        gate_params = common.count_params(model.decoder.gates or nn.Module())
         print(f"{METHOD}: {common.count_params(model, True) / 1e6:.1f}M trainable parameters "
-              f"(gates: {common.count_params(model.decoder.gates or nn.Module()) / 1e3:.1f}K)")
+              f"(gates: {gate_params / 1e3:.1f}K)")
     if cfg.eval_only:
-        path = cfg.init_from or out / 'ckpt.pt'
-        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
+        common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
-            print(common.write_metrics(cfg, evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')))
+            metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+            print(common.write_metrics(cfg, metrics))
         return
 
     optimizer = torch.optim.AdamW(common.param_groups(model, cfg.weight_decay), lr=cfg.lr)
@@ -447,51 +579,49 @@ def main(argv=None):
         start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                              image_input=cfg.image_input)
-    batches = train_batches(train_set, cfg.batch_size, partial(collate, tokenizer=tokenizer, max_len=cfg.max_len),
-                            cfg.seed, start_step=start * cfg.grad_accum, num_workers=cfg.num_workers, rank=run.rank,
-                            world_size=run.world_size, max_bad_images=cfg.max_bad_images)
+    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
+                              world=world, image_input=cfg.image_input)
+    batch_stream = partial(train_batches, train_set, cfg.batch_size,
+                           partial(collate, tokenizer=tokenizer, max_len=cfg.max_len), cfg.seed,
+                           num_workers=cfg.num_workers, rank=run.rank, world_size=run.world_size,
+                           max_bad_images=cfg.max_bad_images)
+    batches = batch_stream(start_step=start * cfg.grad_accum)
     trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
     logger = common.Logger(cfg, run, start)
-    save = lambda step: run.is_main and common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step, cfg)
-    flops_per_sample = None
+    one_step = lambda: caption_loss(model, next(batch_stream()), run.device).backward()  # MFU
+    logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
     model.train()
     for step in range(start, cfg.max_steps):
         lr = common.lr_at(step, cfg)
         common.set_lr(optimizer, lr)
-        with common.count_flops(on=flops_per_sample is None and run.device.type == 'cuda') as counted:
-            for micro in range(cfg.grad_accum):
-                if run.distributed:
-                    trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                batch = next(batches)
-                ids, mask, labels = (t.to(run.device) for t in model.tokenize(batch['caption']))
-                with run.autocast():
-                    loss = trainable(batch['image'].to(run.device, non_blocking=True), ids, mask, labels)
-                common.check_finite(loss, step, cfg)
-                (loss / cfg.grad_accum).backward()
-        if counted.flops:
-            flops_per_sample = counted.flops / (cfg.batch_size * cfg.grad_accum)
+        for micro in range(cfg.grad_accum):
+            if run.distributed:  # sync gradients on the last micro-batch only
+                trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
+            with run.autocast():
+                loss = caption_loss(trainable, next(batches), run.device)
+            common.check_finite(loss, step, cfg)
+            (loss / cfg.grad_accum).backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         logger.step(step, dict(loss=loss.item()), lr)
-        if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
-            logger.pause()  # val CIDEr at every eval, the last step included: the convergence curve
-            if run.is_main:
-                val = evaluate(model, cfg, 'val', run, world, blind=False)
-                logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
-            save(step + 1)
-            logger.resume()
-    logger.pause()
-    save(cfg.max_steps)
+        validate = cfg.eval_every and ((step + 1) % cfg.eval_every == 0
+                                       or step + 1 == cfg.max_steps)
+        if validate or step + 1 == cfg.max_steps:
+            # val CIDEr at every eval, the last step included: the convergence curve
+            with logger.paused():
+                if validate and run.is_main:
+                    val = evaluate(model, cfg, 'val', run, world)
+                    logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
+                if run.is_main:
+                    common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step + 1, cfg)
     if run.is_main:
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         for fraction in (90, 95):
             reached = steps_to_fraction(out / 'log.jsonl', fraction / 100)
             metrics[f'steps_to_{fraction}_cider'] = float('nan') if reached is None else reached
-        print(common.write_metrics(cfg, {**metrics, **logger.speed(flops_per_sample)}))
+        print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)

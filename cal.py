@@ -1,34 +1,40 @@
 """
 cal.py — a LLaVA-style vision-language model trained with CAL (Contrastive ALignment).
 
-Paper: "Seeing the Image: Prioritizing Visual Correlation by Contrastive Alignment", Xiao et al., NeurIPS 2024,
-       arXiv 2405.17871 (code: foundation-multimodal-models/CAL, on LLaVA). Decisions: specs/cal.md.
+Paper: "Seeing the Image: Prioritizing Visual Correlation by Contrastive Alignment", Xiao et al.,
+       NeurIPS 2024, arXiv 2405.17871 (code: foundation-multimodal-models/CAL, on LLaVA).
+       Decisions: specs/cal.md.
 
-The idea in three sentences. A LLaVA-style model feeds a frozen vision tower's patch features through a small
-projector into a causal LLM as tokens, and learns to write the answer (a caption, or the answer to a question) by
-next-token cross-entropy. Not every answer token needs the image: CAL runs the LLM once more without the image
-and measures, for each answer token, how much the image raised the logit of the right next token (Δo). Clamped
-to [1, 5] and smoothed over neighbouring tokens, that gain re-weights each token's loss, so the tokens the image
-explains count more and the ones it contradicts (noisy labels) count as little as the rest.
+The idea in three sentences. A LLaVA-style model feeds a frozen vision tower's patch features
+through a small projector into a causal LLM as tokens, and learns to write the answer (a caption, or
+the answer to a question) by next-token cross-entropy. Not every answer token needs the image: CAL
+runs the LLM once more without the image and measures, for each answer token, how much the image
+raised the logit of the right next token (Δo). Clamped to [1, 5] and smoothed over neighbouring
+tokens, that gain re-weights each token's loss, so the tokens the image explains count more and the
+ones it contradicts (noisy labels) count as little as the rest.
 
-    python cal.py                                         # ShapesWorld, stage 1 then stage 2, with CAL, CPU
-    python cal.py --cal false                             # the baseline: plain next-token loss
-    python cal.py --caption_noise 0.3                     # 30% of training captions / answers wrong in one word
-    python cal.py --data coco --data_root /data/coco      # CLIP ViT-L/14-336 + Qwen2.5-0.5B-Instruct, LLaVA-1.5 recipe
+    python cal.py                          # ShapesWorld, stage 1 then stage 2, with CAL, CPU
+    python cal.py --cal false              # the baseline: plain next-token loss
+    python cal.py --caption_noise 0.3      # 30% of training captions / answers wrong in one word
+    python cal.py --data coco --data_root /data/coco  # CLIP ViT-L/14-336 + Qwen2.5-0.5B-Instruct,
+                                                      # LLaVA-1.5 recipe
     torchrun --standalone --nproc_per_node=8 cal.py --data coco --data_root /data/coco
 """
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+import backbones
 import common
-from data import ATTRIBUTE_WORDS, VISUAL_WORDS, ShapesWorld, UserError, build_dataset, eval_loader, train_batches
+from data import (ATTRIBUTE_WORDS, VISUAL_WORDS, ShapesWorld, UserError, build_dataset, eval_loader,
+                  train_batches)
 
 METHOD = 'cal'
 
@@ -36,68 +42,81 @@ METHOD = 'cal'
 
 @dataclass
 class Config(common.RunConfig):
-    vision_model: str = 'shapes-tiny-vision'     # frozen vision tower: HF id, path or built-in name
-    llm: str = 'shapes-tiny-lm'      # causal LM: HF id (Qwen2, Llama, ...), path or built-in name
-    vision_layer: int = -2          # hidden state taken from the tower (LLaVA: the penultimate), CLS dropped
+    vision_backbone: str = 'shapes-tiny-vision'  # frozen vision tower: HF id, path or built-in name
+    lm_backbone: str = 'shapes-tiny-lm'          # causal LM: HF id (Qwen2, Llama, ...), path or
+                                                 # built-in
+    vision_layer: int = -2          # hidden state taken from the tower (LLaVA: the penultimate),
+                                    # CLS dropped
     image_size: int = 64
-    stage: str = 'both'             # 1 (projector on captions) | 2 (projector + LLM on captions and questions) | both
-    stage1_steps: int = 300         # stage 1 length (max_steps is stage 2's)
-    stage1_lr: float = 1e-3         # LLaVA's stage-1 lr (lr is stage 2's)
+    stage: str = 'both'             # 1 (projector on captions) | 2 (+ the LLM, captions and
+                                    # questions) | both
+    stage1_steps: int = 300         # stage 1's steps (max_steps, lr and warmup_steps are stage 2's)
+    stage1_lr: float = 1e-3         # stage 1's peak lr (LLaVA's)
     max_len: int = 32               # answer tokens kept per row
-    cal: bool = True                # re-weight each answer token by its image logit gain (False: plain CE)
+    cal: bool = True                # re-weight each answer token by its image logit gain
+                                    # (False: plain CE)
     cal_stages: str = '1,2'         # stages CAL applies in (the code: both)
     cal_alpha: float = 1.0          # clamp floor of Δo (α)
     cal_beta: float = 5.0           # clamp ceiling of Δo (β)
-    cal_window: int = 3             # average pooling window over neighbouring tokens (stride 1, padding not counted)
-    cal_pool: str = 'flat'          # flat: over the micro-batch flattened, as the code | sample: within each answer
-    caption_noise: float = 0.0      # ShapesWorld: fraction of training captions / answers made false in one word
-    image_text: str = 'image :'     # text before the image tokens: the image is never first in the sequence
+    cal_window: int = 3             # average pooling window over neighbouring tokens (stride 1,
+                                    # padding not counted)
+    cal_pool: str = 'flat'          # flat: over the micro-batch flattened, as the code | sample:
+                                    # within each answer
+    caption_noise: float = 0.0      # ShapesWorld: fraction of training captions / answers made
+                                    # false in one word
+    image_text: str = 'image :'     # text before the image tokens: the image is never first
     caption_prompt: str = 'describe this image .'  # the instruction of caption rows
     max_new_tokens: int = 20        # greedy generation length at evaluation
-    eval_images: int = 0            # test images captioned and questioned (0 = all: 1,000 on ShapesWorld)
+    eval_images: int = 0            # test images captioned and questioned (0 = all: 1,000 on
+                                    # ShapesWorld)
+    renamed_flags: ClassVar[dict] = dict(vision_model='vision_backbone', llm='lm_backbone')
 
 
-REAL = dict(vision_model='openai/clip-vit-large-patch14-336', llm='Qwen/Qwen2.5-0.5B-Instruct', image_size=336,
-            stage1_steps=2170, stage1_lr=1e-3, max_steps=5200, lr=2e-5, batch_size=16, grad_accum=1, max_len=512,
+REAL = dict(vision_backbone='openai/clip-vit-large-patch14-336',
+            lm_backbone='Qwen/Qwen2.5-0.5B-Instruct', image_size=336, stage1_steps=2170,
+            stage1_lr=1e-3, max_steps=5200, lr=2e-5, batch_size=16, grad_accum=1, max_len=512,
             warmup_steps=150, weight_decay=0.0, grad_clip=1.0, image_text='Image:',
             caption_prompt='Describe the image briefly.', log_every=20, grad_checkpointing=True)
-# LLaVA-1.5: stage 1 global batch 256 x 2,170 steps (558K), stage 2 batch 128 x 5,200 steps (665K). Here 16 per GPU
-# x 8 GPUs = 128, stage 2's batch (stage 1 alone at 256: --stage 1 --grad_accum 2). Real runs see captions in both
-# stages (LLaVA's instruction mix is not a captions folder).
+# LLaVA-1.5: stage 1 global batch 256 x 2,170 steps (558K), stage 2 batch 128 x 5,200 steps (665K).
+# Here 16 per GPU x 8 GPUs = 128, stage 2's batch (stage 1 alone at 256: --stage 1 --grad_accum 2).
+# Real runs see captions in both stages (LLaVA's instruction mix is not a captions folder).
 PRESETS = {
-    'shapes': dict(batch_size=32, stage1_steps=300, max_steps=600, lr=5e-4, warmup_steps=30, weight_decay=0.0,
-                   log_every=20),
+    'shapes': dict(batch_size=32, stage1_steps=300, max_steps=600, lr=5e-4, warmup_steps=30,
+                   weight_decay=0.0, log_every=20),
     'coco': REAL, 'json': REAL, 'flickr30k': REAL,
 }
 
 
-SHAPE_FLAGS = '--llm / --vision_model / --image_size'  # what a checkpoint must match
+SHAPE_FLAGS = '--lm_backbone / --vision_backbone / --image_size'  # what a checkpoint must match
 
 
 def check_config(cfg):
     if cfg.stage not in ('1', '2', 'both') or cfg.cal_pool not in ('flat', 'sample'):
-        raise UserError(f"--stage '{cfg.stage}' must be 1, 2 or both and --cal_pool '{cfg.cal_pool}' flat or sample")
+        raise UserError(f"--stage '{cfg.stage}' must be 1, 2 or both and "
+                        f"--cal_pool '{cfg.cal_pool}' flat or sample")
     if not set(cfg.cal_stages.split(',')) <= {'1', '2'}:
-        raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2, e.g. 1,2 or 2")
+        raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2, "
+                        f"e.g. 1,2 or 2")
     if not 0 < cfg.cal_alpha <= cfg.cal_beta or cfg.cal_window < 1 or cfg.cal_window % 2 == 0:
-        raise UserError(f"need 0 < --cal_alpha ({cfg.cal_alpha}) <= --cal_beta ({cfg.cal_beta}) and an odd "
-                        f"--cal_window ({cfg.cal_window})")
+        raise UserError(f"need 0 < --cal_alpha ({cfg.cal_alpha}) <= --cal_beta ({cfg.cal_beta}) "
+                        f"and an odd --cal_window ({cfg.cal_window})")
     if cfg.caption_noise and cfg.data != 'shapes':
-        raise UserError("--caption_noise corrupts ShapesWorld's captions (it knows which words are wrong); "
-                        "it needs --data shapes")
+        raise UserError("--caption_noise corrupts ShapesWorld's captions (it knows which words are "
+                        "wrong); it needs --data shapes")
 
-# ----------------------------------------------------------------------------- data: rows of (image, prompt, answer)
+# ------------------------------------------------------------ data: rows of (image, prompt, answer)
 
 def text_before_image(tokenizer, text):
-    """The tokens before the image: `text` with the LM's own start (Llama's <s>, the built-in's [CLS]; Qwen adds
-    none), without an end token the tokenizer may append."""
+    """The tokens before the image: `text` with the LM's own start (Llama's <s>, the built-in's
+    [CLS]; Qwen adds none), without an end token the tokenizer may append."""
     ids = tokenizer(text).input_ids
     return ids[:-1] if ids and ids[-1] in (tokenizer.eos_token_id, tokenizer.sep_token_id) else ids
 
 
 class QuestionRows(Dataset):
-    """ShapesWorld's questions as rows: item k is question k % 6 of image k // 6 (an image with 5 questions asks
-    its first again). Items: image, question, answer, kind, noise_word (-1 or the wrong word's index)."""
+    """ShapesWorld's questions as rows: item k is question k % 6 of image k // 6 (an image with 5
+    questions asks its first again). Items: image, question, answer, kind, noise_word (-1 or the
+    wrong word's index)."""
 
     def __init__(self, world, split, max_images=0):
         self.world, self.split = world, split
@@ -110,12 +129,14 @@ class QuestionRows(Dataset):
         index, j = divmod(k, 6)
         qa, noise = self.world.questions_and_noise(self.split, index)
         question, answer, kind = qa[j % len(qa)]
-        return dict(image=self.world.transform(self.world.image(self.split, index)), question=question,
-                    answer=answer, kind=kind, noise_word=noise[j % len(qa)], image_id=index)
+        image = self.world.transform(self.world.image(self.split, index))
+        return dict(image=image, question=question, answer=answer, kind=kind,
+                    noise_word=noise[j % len(qa)], image_id=index)
 
 
 class Mixture(Dataset):
-    """Stage 2 on ShapesWorld: captions and questions interleaved one to one (the shorter part cycles)."""
+    """Stage 2 on ShapesWorld: captions and questions interleaved one to one (the shorter part
+    cycles)."""
 
     def __init__(self, *parts):
         self.parts, self.n = parts, max(len(p) for p in parts)
@@ -129,62 +150,74 @@ class Mixture(Dataset):
 
 
 def collate_rows(items, tokenizer, cfg, n_image):
-    """Rows -> the LLM's training batch, right-padded: [image_text][n_image image slots][prompt][answer][EOS].
-    input_ids (B, L) hold pads in the image slots (their embeddings are replaced by the projected image);
-    labels (B, L) are -100 except on the answer and its EOS; noise_mask / visual_mask (B, L) mark the answer's
-    corrupted tokens and its visual words (ShapesWorld's study of CAL's weights). An item whose image is None is a
-    text-only row: its image slot is masked out of attention."""
+    """Rows -> the LLM's training batch, right-padded:
+    [image_text][n_image image slots][prompt][answer][EOS].
+    input_ids (B, L) hold pads in the image slots (their embeddings are replaced by the projected
+    image); labels (B, L) are -100 except on the answer and its EOS; noise_mask / visual_mask (B, L)
+    mark the answer's corrupted tokens and its visual words (ShapesWorld's study of CAL's weights).
+    An item whose image is None is a text-only row: its image slot is masked out of attention."""
     readable = [item for item in items if item is not None]
     if not readable:
         return dict(n_bad=len(items))
     items, n_bad = readable, len(items) - len(readable)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     before = text_before_image(tokenizer, cfg.image_text)
-    prompts = tokenizer([item.get('question', cfg.caption_prompt) for item in items], add_special_tokens=False)
-    answers = tokenizer([item.get('answer', item.get('caption')) for item in items], add_special_tokens=False)
-    visual_ids = set(tokenizer.convert_tokens_to_ids([w for w in VISUAL_WORDS if w in tokenizer.get_vocab()]))
+    prompt_texts = [item.get('question', cfg.caption_prompt) for item in items]
+    prompts = tokenizer(prompt_texts, add_special_tokens=False)
+    answer_texts = [item.get('answer', item.get('caption')) for item in items]
+    answers = tokenizer(answer_texts, add_special_tokens=False)
+    visual_words = [w for w in VISUAL_WORDS if w in tokenizer.get_vocab()]
+    visual_ids = set(tokenizer.convert_tokens_to_ids(visual_words))
     rows, spans = [], []
     for b, item in enumerate(items):
         answer = answers.input_ids[b][:cfg.max_len]
         head = before + [pad] * n_image + prompts.input_ids[b]
         rows.append(head + answer + [eos])
-        spans.append((len(head), answer, [w == item.get('noise_word', -1) for w in answers.word_ids(b)]))
-    L = max(map(len, rows))
-    out = dict(input_ids=torch.full((len(rows), L), pad), attention_mask=torch.zeros(len(rows), L, dtype=torch.long),
-               labels=torch.full((len(rows), L), -100), noise_mask=torch.zeros(len(rows), L, dtype=torch.bool),
-               visual_mask=torch.zeros(len(rows), L, dtype=torch.bool))
+        noisy = [w == item.get('noise_word', -1) for w in answers.word_ids(b)]
+        spans.append((len(head), answer, noisy))
+    B, L = len(rows), max(map(len, rows))
+    out = dict(input_ids=torch.full((B, L), pad),
+               attention_mask=torch.zeros(B, L, dtype=torch.long),
+               labels=torch.full((B, L), -100), noise_mask=torch.zeros(B, L, dtype=torch.bool),
+               visual_mask=torch.zeros(B, L, dtype=torch.bool))
     for b, (row, (start, answer, noisy)) in enumerate(zip(rows, spans)):
         out['input_ids'][b, :len(row)] = torch.tensor(row)
         out['attention_mask'][b, :len(row)] = 1
-        if items[b]['image'] is None:  # a text-only row (image None): the slot stays, hidden from attention
+        if items[b]['image'] is None:  # a text-only row: the slot stays, hidden from attention
             out['attention_mask'][b, len(before):len(before) + n_image] = 0
         out['labels'][b, start:len(row)] = torch.tensor(row[start:])
-        out['noise_mask'][b, start:start + len(answer)] = torch.tensor(noisy[:len(answer)], dtype=torch.bool)
-        out['visual_mask'][b, start:start + len(answer)] = torch.tensor([t in visual_ids for t in answer])
+        end = start + len(answer)  # the answer's tokens: [start, end)
+        out['noise_mask'][b, start:end] = torch.tensor(noisy[:len(answer)], dtype=torch.bool)
+        out['visual_mask'][b, start:end] = torch.tensor([t in visual_ids for t in answer])
     blank = torch.zeros(3, cfg.image_size, cfg.image_size)
-    out.update(image=torch.stack([blank if item['image'] is None else item['image'] for item in items]),
-               image_start=len(before),
+    images = torch.stack([blank if item['image'] is None else item['image'] for item in items])
+    out.update(image=images, image_start=len(before),
                image_id=torch.tensor([item['image_id'] for item in items]), n_bad=n_bad)
     return out
 
 # ----------------------------------------------------------------------------- model
 
 class VLM(nn.Module):
-    """Frozen vision tower -> mlp2x_gelu projector -> causal LLM that reads the image as n_image input tokens."""
+    """Frozen vision tower -> mlp2x_gelu projector -> causal LLM that reads the image as n_image
+    input tokens."""
 
     def __init__(self, cfg, vision, llm, tokenizer):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.vision = vision.requires_grad_(False)
-        self.projector = nn.Sequential(nn.Linear(vision.config.hidden_size, llm.config.hidden_size), nn.GELU(),
-                                       nn.Linear(llm.config.hidden_size, llm.config.hidden_size))
+        Dv, H = vision.config.hidden_size, llm.config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(Dv, H), nn.GELU(), nn.Linear(H, H))
         self.llm = llm
         kind = vision.config.model_type
-        self.n_special = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1  # [CLS] (+ DeiT's dist)
+        # the tower's tokens before the patches: [CLS] (+ DeiT's dist)
+        self.n_special = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1
         with torch.no_grad():
-            self.n_image = self.vision_features(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape[1]
-        if not tokenizer(cfg.image_text, add_special_tokens=False).input_ids:  # a BOS alone would not do
-            raise UserError(f"--image_text '{cfg.image_text}' gives no token; the image must not come first")
+            blank_image = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+            self.n_image = self.vision_features(blank_image).shape[1]
+        # a BOS alone would not do
+        if not tokenizer(cfg.image_text, add_special_tokens=False).input_ids:
+            raise UserError(f"--image_text '{cfg.image_text}' gives no token; "
+                            f"the image must not come first")
 
     def train(self, mode=True):  # the tower is frozen: no dropout, ever
         super().train(mode)
@@ -192,43 +225,53 @@ class VLM(nn.Module):
         return self
 
     @torch.no_grad()
-    def vision_features(self, images):  # (B, 3, H, W) -> (B, N, Dv) patch features of layer vision_layer
-        hidden = self.vision(pixel_values=images, output_hidden_states=True).hidden_states[self.cfg.vision_layer]
+    def vision_features(self, images):  # (B, 3, H, W) -> (B, N, Dv) patch features of vision_layer
+        outputs = self.vision(pixel_values=images, output_hidden_states=True)
+        hidden = outputs.hidden_states[self.cfg.vision_layer]
         return hidden[:, self.n_special:]
 
     def embed(self, ids, images, start, blind=False):
-        """ids (B, L) with image slots at [start, start + N) -> inputs_embeds (B, L, H), the slots holding the
-        projected image (zeros when blind: the baseline that shows how much the image contributes)."""
+        """ids (B, L) with image slots at [start, start + N) -> inputs_embeds (B, L, H), the slots
+        holding the projected image (zeros when blind: the baseline that shows how much the image
+        contributes)."""
         x = self.llm.get_input_embeddings()(ids)                                   # (B, L, H)
-        image = self.projector(self.vision_features(images).to(self.projector[0].weight.dtype))  # (B, N, H)
+        features = self.vision_features(images).to(self.projector[0].weight.dtype)  # (B, N, Dv)
+        image = self.projector(features)                                           # (B, N, H)
         image = torch.zeros_like(image) if blind else image
         return torch.cat([x[:, :start], image.to(x.dtype), x[:, start + self.n_image:]], 1)
 
-    def forward(self, ids, images, start, mask):  # -> logits (B, L, V) and the inputs_embeds (B, L, H)
+    def forward(self, ids, images, start, mask):  # -> logits (B, L, V), inputs_embeds (B, L, H)
         x = self.embed(ids, images, start)
         return self.llm(inputs_embeds=x, attention_mask=mask).logits, x
 
     def logits_without_image(self, x, mask, start):
-        """CAL's second pass: the image tokens dropped, every text token at its original position (explicit
-        position ids), so text logits equal the code's way (image positions zeroed in the 2-D attention mask)
-        at N fewer tokens. x (B, L, H) -> logits (B, L - N, V) of the text positions in order."""
-        keep = torch.cat([torch.arange(start), torch.arange(start + self.n_image, x.shape[1])]).to(x.device)
+        """CAL's second pass: the image tokens dropped, every text token at its original position
+        (explicit position ids), so text logits equal the code's way (image positions zeroed in the
+        2-D attention mask) at N fewer tokens. x (B, L, H) -> logits (B, L - N, V) of the text
+        positions in order."""
+        before_image = torch.arange(start)
+        after_image = torch.arange(start + self.n_image, x.shape[1])
+        keep = torch.cat([before_image, after_image]).to(x.device)
         return self.llm(inputs_embeds=x[:, keep], attention_mask=mask[:, keep],
                         position_ids=keep[None].expand(len(x), -1)).logits
 
     @torch.no_grad()
     def generate(self, images, prompts, blind=False):
-        """Greedy answers to one prompt per image -> strings. Batched with left padding ([pads][image_text][image]
-        [prompt]): a decoder-only model continues each row right after its own last token."""
+        """Greedy answers to one prompt per image -> strings. Batched with left padding
+        ([pads][image_text][image][prompt]): a decoder-only model continues each row right after
+        its own last token."""
         cfg, tok = self.cfg, self.tokenizer
-        rows = [dict(image=image, question=prompt, answer='', image_id=0) for image, prompt in zip(images, prompts)]
+        rows = [dict(image=image, question=prompt, answer='', image_id=0)
+                for image, prompt in zip(images, prompts)]
         batch = collate_rows(rows, tok, cfg, self.n_image)
-        eos_at = batch['attention_mask'].sum(1, keepdim=True) - 1               # the empty answer's EOS: a pad now
+        # the empty answer's EOS: a pad now
+        eos_at = batch['attention_mask'].sum(1, keepdim=True) - 1
         ids = batch['input_ids'].scatter(1, eos_at, tok.pad_token_id)[:, :-1]
         mask = batch['attention_mask'].scatter(1, eos_at, 0)[:, :-1]
         x = self.embed(ids.to(images.device), images, batch['image_start'], blind)
         x, mask = common.right_to_left_padding(x, mask.to(images.device))
-        new = self.llm.generate(inputs_embeds=x, attention_mask=mask, do_sample=False,  # (B, new): new tokens only
+        # (B, new): the new tokens only
+        new = self.llm.generate(inputs_embeds=x, attention_mask=mask, do_sample=False,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
                                 pad_token_id=tok.pad_token_id)
         return [' '.join(t.split()) for t in tok.batch_decode(new, skip_special_tokens=True)]
@@ -236,71 +279,136 @@ class VLM(nn.Module):
 # ----------------------------------------------------------------------------- CAL
 
 def target_logit_gain(model, x, mask, start, logits, targets):
-    """Δo (B, T): the raw logit of each ground-truth next token with the image minus without it (T = L - 1, the
-    shifted positions; not softmax; fp32; only the target logits are gathered, never a second full fp32 logit
-    tensor). -100 targets gather token 0, as the code does. Positions inside the image get 0: they carry no loss,
-    and the prompt between keeps them out of every answer token's pooling window."""
+    """Δo (B, T): the raw logit of each ground-truth next token with the image minus without it
+    (T = L - 1, the shifted positions; not softmax; fp32; only the target logits are gathered,
+    never a second full fp32 logit tensor). -100 targets gather token 0, as the code does.
+    Positions inside the image get 0: they carry no loss, and the prompt between keeps them out of
+    every answer token's pooling window."""
     T, N = targets.shape[1], model.n_image
-    index = targets.clamp(min=0)[..., None]                                       # (B, T, 1)
-    with_image = logits.gather(-1, index).squeeze(-1).float()                     # (B, T)
-    # the text positions that predict a next token; in the no-image pass they are its first len(text) positions
-    # (its last one predicts past the end, as the full pass's last one does)
+    index = targets.clamp(min=0)[..., None]                              # (B, T, 1)
+    with_image = logits.gather(-1, index).squeeze(-1).float()            # (B, T)
+    # the text positions that predict a next token; in the no-image pass they are its first
+    # len(text) positions (its last one predicts past the end, as the full pass's last one does)
     text = torch.cat([torch.arange(start), torch.arange(start + N, T)]).to(x.device)
-    without = model.logits_without_image(x, mask, start)[:, :len(text)]           # (B, len(text), V)
+    without = model.logits_without_image(x, mask, start)[:, :len(text)]  # (B, len(text), V)
     delta = torch.zeros_like(with_image)
     delta[:, text] = with_image[:, text] - without.gather(-1, index[:, text]).squeeze(-1).float()
     return delta
 
 
 def cal_weights(delta, answer, cfg):
-    """Δo (B, T) -> CAL's weights (B, T): clamp to [alpha, beta], then average over a window of cal_window tokens
-    (stride 1, padding not counted). flat: over the micro-batch flattened into one sequence, every position, as
-    the code does; sample: within each row, over its answer tokens only."""
+    """Δo (B, T) -> CAL's weights (B, T): clamp to [alpha, beta], then average over a window of
+    cal_window tokens (stride 1, padding not counted). flat: over the micro-batch flattened into
+    one sequence, every position, as the code does; sample: within each row, over its answer
+    tokens only."""
     w = delta.clamp(cfg.cal_alpha, cfg.cal_beta)
     k = cfg.cal_window
     if cfg.cal_pool == 'flat':
-        return F.avg_pool1d(w.reshape(1, 1, -1), k, stride=1, padding=k // 2, count_include_pad=False).view_as(w)
-    window_sum = lambda t: F.conv1d(t[:, None], torch.ones(1, 1, k, device=t.device), padding=k // 2)[:, 0]
+        flat = w.reshape(1, 1, -1)  # (1, 1, B*T): the micro-batch as one sequence
+        return F.avg_pool1d(flat, k, stride=1, padding=k // 2, count_include_pad=False).view_as(w)
+    window_sum = lambda t: F.conv1d(t[:, None], torch.ones(1, 1, k, device=t.device),
+                                    padding=k // 2)[:, 0]  # (B, T) -> each window's sum (B, T)
     m = answer.float()
     return torch.where(answer, window_sum(w * m) / window_sum(m).clamp(min=1), w)
 
 
 def answer_loss(model, trainable, batch, cfg, use_cal):
-    """Next-token CE on the answer tokens; with CAL weighted by cal_weights: sum(w * CE) / sum(w over answers).
-    -> dict(loss, and with CAL: delta (mean Δo on answers), at_alpha / at_beta (fractions clamped there), and
-    `weight_sums` (6,): the weight summed over, and the count of, all answer tokens, the corrupted ones and the
-    clean visual ones (the noise study)."""
+    """Next-token CE on the answer tokens; with CAL weighted by cal_weights:
+    sum(w * CE) / sum(w over answers). -> dict(loss, and with CAL: delta (mean Δo on answers),
+    at_alpha / at_beta (fractions clamped there), and `weight_sums` (6,): the weight summed over,
+    and the count of, all answer tokens, the corrupted ones and the clean visual ones (the noise
+    study)."""
     mask, labels, start = batch['attention_mask'], batch['labels'], batch['image_start']
-    logits, x = trainable(batch['input_ids'], batch['image'], start, mask)       # (B, L, V), (B, L, H)
-    logits = logits[:, :-1]                                                       # (B, T, V): predicts token t + 1
-    targets = labels[:, 1:]                                                       # (B, T)
+    logits, x = trainable(batch['input_ids'], batch['image'], start, mask)  # (B, L, V), (B, L, H)
+    # position t predicts token t + 1
+    logits = logits[:, :-1]                                                 # (B, T, V)
+    targets = labels[:, 1:]                                                 # (B, T)
     answer = targets != -100
-    ce = torch.zeros(targets.shape, device=logits.device)  # fp32 CE on the answer positions only (a 152k vocab
-    ce[answer] = F.cross_entropy(logits[answer].float(), targets[answer], reduction='none')  # makes B*T*V big)
+    # fp32 CE on the answer positions only (a 152k vocab makes B*T*V big)
+    ce = torch.zeros(targets.shape, device=logits.device)
+    ce[answer] = F.cross_entropy(logits[answer].float(), targets[answer], reduction='none')
     if not use_cal:
         return dict(loss=ce.sum() / answer.sum())
     with torch.no_grad():
-        delta = target_logit_gain(model, x.detach(), mask, start, logits.detach(), targets)   # (B, T) Δo
-        w = cal_weights(delta, answer, cfg)                                       # (B, T)
+        # (B, T) Δo
+        delta = target_logit_gain(model, x.detach(), mask, start, logits.detach(), targets)
+        w = cal_weights(delta, answer, cfg)                                 # (B, T)
     loss = (w * ce).sum() / (w[answer].sum() + 1e-6)
-    noisy, visual = batch['noise_mask'][:, 1:], batch['visual_mask'][:, 1:] & ~batch['noise_mask'][:, 1:]
-    sums = torch.stack([t for group in (answer, noisy, visual) for t in (w[group].sum(), group.sum().float())])
-    return dict(loss=loss, delta=delta[answer].mean(), at_alpha=(delta[answer] <= cfg.cal_alpha).float().mean(),
+    noisy = batch['noise_mask'][:, 1:]
+    visual = batch['visual_mask'][:, 1:] & ~noisy
+    # per group: the weight summed and the token count
+    sums = torch.stack([t for group in (answer, noisy, visual)
+                        for t in (w[group].sum(), group.sum().float())])
+    return dict(loss=loss, delta=delta[answer].mean(),
+                at_alpha=(delta[answer] <= cfg.cal_alpha).float().mean(),
                 at_beta=(delta[answer] >= cfg.cal_beta).float().mean(), weight_sums=sums)
 
 # ----------------------------------------------------------------------------- evaluation
 
+def question_accuracy(model, cfg, split, device, world):
+    """Exact-match accuracy of greedy answers to every question of the split's images (vqa_acc,
+    per kind), and the same with the image tokens zeroed (blind_vqa_acc)."""
+    questions = QuestionRows(world, split, max_images=cfg.eval_images)
+    right, right_blind, kinds = [], [], []
+    seen = set()
+    for batch in eval_loader(questions, cfg.batch_size, lambda items: items):
+        # an image's repeat of its first
+        batch = [q for q in batch if (q['image_id'], q['question']) not in seen]
+        seen.update((q['image_id'], q['question']) for q in batch)
+        if not batch:
+            continue
+        images = torch.stack([q['image'] for q in batch]).to(device)
+        prompts = [q['question'] for q in batch]
+        answers = model.generate(images, prompts)
+        answers_blind = model.generate(images, prompts, blind=True)
+        for q, a, a_blind in zip(batch, answers, answers_blind):
+            right.append(a == q['answer'])
+            right_blind.append(a_blind == q['answer'])
+            kinds.append(q['kind'])
+    pct = lambda xs: 100 * sum(xs) / max(len(xs), 1)
+    out = dict(vqa_acc=pct(right), blind_vqa_acc=pct(right_blind))
+    for kind in (*ATTRIBUTE_WORDS, 'count', 'yesno'):
+        out[f'vqa_acc_{kind}'] = pct([r for r, k in zip(right, kinds) if k == kind])
+    return out
+
+
+@torch.no_grad()
+def draw(model, cfg, image, caption, device, path):
+    """PNG: test image 0 beside its first reference caption, each token shaded by its CAL weight /
+    beta (pooling within the caption), and by Δo itself (clamped to [0, beta], / beta); visual
+    words marked."""
+    item = dict(image=image, caption=caption, image_id=0)
+    rows = collate_rows([item], model.tokenizer, cfg, model.n_image)
+    rows = common.to_device(rows, device)
+    mask, start = rows['attention_mask'], rows['image_start']
+    logits, x = model(rows['input_ids'], rows['image'], start, mask)
+    targets = rows['labels'][:, 1:]
+    answer = targets != -100
+    delta = target_logit_gain(model, x, mask, start, logits[:, :-1], targets)
+    w = cal_weights(delta, answer, replace(cfg, cal_pool='sample'))
+    tokens = model.tokenizer.convert_ids_to_tokens(targets[answer].tolist())
+    marked = rows['visual_mask'][:, 1:][answer].tolist()
+    weight_label = (f'CAL weight / {cfg.cal_beta:g} '
+                    f'(clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}], window {cfg.cal_window})')
+    weights = [(t, v / cfg.cal_beta, m) for t, v, m in zip(tokens, w[answer].tolist(), marked)]
+    gains = [(t, max(v, 0) / cfg.cal_beta, m)
+             for t, v, m in zip(tokens, delta[answer].tolist(), marked)]
+    token_rows = [(weight_label, weights), ('delta o: the logit gain from the image', gains)]
+    title = f'{METHOD} (--cal {str(cfg.cal).lower()}): test image 0'
+    common.render_tokens(image, token_rows, str(path), title=title, mark_label='visual word')
+
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
-    """Greedy captions (bleu4 meteor rouge_l cider) and, on ShapesWorld, question answering (vqa_acc, per kind),
-    each also blind (image tokens zeroed); delta_auroc: how well Δo on the first reference caption's tokens
-    separates ShapesWorld's visual words from the others."""
+    """Greedy captions (bleu4 meteor rouge_l cider) and, on ShapesWorld, question answering
+    (vqa_acc, per kind), each also blind (image tokens zeroed); delta_auroc: how well Δo on the
+    first reference caption's tokens separates ShapesWorld's visual words from the others."""
     model.eval()
     device = run.device
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                            max_images=cfg.eval_images)
+    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
+                            world=world, max_images=cfg.eval_images)
     predictions, blind, references, deltas, visual = {}, {}, {}, [], []
-    for batch in eval_loader(dataset, cfg.batch_size, lambda items: [item for item in items if item is not None]):
+    drop_unreadable = lambda items: [item for item in items if item is not None]
+    for batch in eval_loader(dataset, cfg.batch_size, drop_unreadable):
         if not batch:  # every image of this batch unreadable (warned about)
             continue
         images = torch.stack([item['image'] for item in batch]).to(device)
@@ -309,13 +417,16 @@ def evaluate(model, cfg, split, run, world, png=None):
                                                 model.generate(images, prompts, blind=True)):
             predictions[item['image_id']], blind[item['image_id']] = caption, caption_blind
             references[item['image_id']] = item['captions']
-        rows = collate_rows([dict(item, caption=item['captions'][0]) for item in batch], model.tokenizer, cfg,
-                            model.n_image)
-        rows = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rows.items()}
-        logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+        # each image with its first reference caption
+        items = [dict(item, caption=item['captions'][0]) for item in batch]
+        rows = collate_rows(items, model.tokenizer, cfg, model.n_image)
+        rows = common.to_device(rows, device)
+        mask, start = rows['attention_mask'], rows['image_start']
+        logits, x = model(rows['input_ids'], rows['image'], start, mask)
         targets = rows['labels'][:, 1:]
-        delta = target_logit_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets)
-        words = (targets != -100) & (targets != model.tokenizer.eos_token_id)    # the caption's tokens, not EOS
+        delta = target_logit_gain(model, x, mask, start, logits[:, :-1], targets)
+        # the caption's tokens, not EOS
+        words = (targets != -100) & (targets != model.tokenizer.eos_token_id)
         deltas.append(delta[words].cpu())
         visual.append(rows['visual_mask'][:, 1:][words].cpu())
     metrics = common.caption_metrics(predictions, references)
@@ -330,62 +441,21 @@ def evaluate(model, cfg, split, run, world, png=None):
     return metrics
 
 
-def question_accuracy(model, cfg, split, device, world):
-    """Exact-match accuracy of greedy answers to every question of the split's images (vqa_acc, per kind), and
-    the same with the image tokens zeroed (blind_vqa_acc)."""
-    questions = QuestionRows(world, split, max_images=cfg.eval_images)
-    right, right_blind, kinds = [], [], []
-    seen = set()
-    for batch in eval_loader(questions, cfg.batch_size, lambda items: items):
-        batch = [q for q in batch if (q['image_id'], q['question']) not in seen]   # an image's repeat of its first
-        seen.update((q['image_id'], q['question']) for q in batch)
-        if not batch:
-            continue
-        images = torch.stack([q['image'] for q in batch]).to(device)
-        prompts = [q['question'] for q in batch]
-        for q, a, a_blind in zip(batch, model.generate(images, prompts), model.generate(images, prompts, blind=True)):
-            right.append(a == q['answer'])
-            right_blind.append(a_blind == q['answer'])
-            kinds.append(q['kind'])
-    pct = lambda xs: 100 * sum(xs) / max(len(xs), 1)
-    out = dict(vqa_acc=pct(right), blind_vqa_acc=pct(right_blind))
-    for kind in (*ATTRIBUTE_WORDS, 'count', 'yesno'):
-        out[f'vqa_acc_{kind}'] = pct([r for r, k in zip(right, kinds) if k == kind])
-    return out
-
-
-@torch.no_grad()
-def draw(model, cfg, image, caption, device, path):
-    """PNG: test image 0 beside its first reference caption, each token shaded by its CAL weight / beta (pooling
-    within the caption), and by Δo itself (clamped to [0, beta], / beta); visual words marked."""
-    rows = collate_rows([dict(image=image, caption=caption, image_id=0)], model.tokenizer, cfg, model.n_image)
-    rows = {k: v.to(device) if torch.is_tensor(v) else v for k, v in rows.items()}
-    logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
-    targets = rows['labels'][:, 1:]
-    answer = targets != -100
-    delta = target_logit_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets)
-    w = cal_weights(delta, answer, replace(cfg, cal_pool='sample'))
-    tokens = model.tokenizer.convert_ids_to_tokens(targets[answer].tolist())
-    marked = rows['visual_mask'][:, 1:][answer].tolist()
-    common.render_tokens(image, [
-        (f'CAL weight / {cfg.cal_beta:g} (clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}], window {cfg.cal_window})',
-         [(t, v / cfg.cal_beta, m) for t, v, m in zip(tokens, w[answer].tolist(), marked)]),
-        ('delta o: the logit gain from the image', [(t, max(v, 0) / cfg.cal_beta, m)
-                                          for t, v, m in zip(tokens, delta[answer].tolist(), marked)]),
-    ], str(path), title=f'{METHOD} (--cal {str(cfg.cal).lower()}): test image 0', mark_label='visual word')
-
 # ----------------------------------------------------------------------------- training loop
 
 def training_rows(cfg, stage, world):
     """Stage 1: captions; stage 2: captions and (on ShapesWorld) questions, one to one."""
-    captions = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size, world=world)
-    return Mixture(captions, QuestionRows(world, 'train')) if stage == 2 and world is not None else captions
+    captions = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
+                             world=world)
+    if stage == 2 and world is not None:
+        return Mixture(captions, QuestionRows(world, 'train'))
+    return captions
 
 
 def cal_overhead(model, batch, cfg, run, steps=5):
-    """Time per training step (forward + backward) with CAL / without CAL - 1, on the same batch in this process
-    (the paper: about +22% for LLaVA-NeXT on 16 A100s). The bare model (no DDP: rank 0 alone runs this); the
-    gradients are discarded: nothing is trained."""
+    """Time per training step (forward + backward) with CAL / without CAL - 1, on the same batch in
+    this process (the paper: about +22% for LLaVA-NeXT on 16 A100s). The bare model (no DDP: rank 0
+    alone runs this); the gradients are discarded: nothing is trained."""
     seconds = {}
     sync = torch.cuda.synchronize if run.device.type == 'cuda' else lambda: None
     for use_cal in (False, True, False, True):  # twice each, the first round warms up
@@ -406,64 +476,70 @@ def main(argv=None):
     check_config(cfg)
     run = common.setup(cfg)
     out = Path(cfg.out_dir)
-    world = ShapesWorld(seed=0, image_size=cfg.image_size, caption_noise=cfg.caption_noise) if cfg.data == 'shapes' \
-        else None
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world, max_images=1)
-    tokenizer = common.load_tokenizer(cfg.llm)
-    if tokenizer.pad_token_id is None:  # Llama-style tokenizers have none: pads are masked, any id will do
+    world = None
+    if cfg.data == 'shapes':
+        world = ShapesWorld(seed=0, image_size=cfg.image_size, caption_noise=cfg.caption_noise)
+    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
+                  max_images=1)  # fail early on a bad path or file
+    tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
+    # Llama-style tokenizers have none: pads are masked, any id will do
+    if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = VLM(cfg, common.load_backbone(cfg.vision_model, 'vision', dtype=run.dtype),
-                common.load_backbone(cfg.llm, 'lm'), tokenizer).to(run.device)
+    vision = backbones.load_backbone(cfg.vision_backbone, 'vision', dtype=run.dtype)
+    llm = backbones.load_backbone(cfg.lm_backbone, 'lm')
+    model = VLM(cfg, vision, llm, tokenizer).to(run.device)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    s1 = cfg.stage1_steps if cfg.stage != '2' else 0    # global steps: [0, s1) stage 1, [s1, total) stage 2
-    total = s1 + (cfg.max_steps if cfg.stage != '1' else 0)
     if cfg.eval_only:
-        path = cfg.init_from or out / 'ckpt.pt'
-        common.load_into(path, METHOD, model, flags=SHAPE_FLAGS)
+        common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
-            print(common.write_metrics(cfg, evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')))
+            metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+            print(common.write_metrics(cfg, metrics))
         return
 
     state, start = None, 0
-    weight_sums = torch.zeros(6)  # CAL's weight summed and counted on answers, corrupted ones, clean visual ones
+    # CAL's weight summed and counted on answers, corrupted ones, clean visual
+    weight_sums = torch.zeros(6)
     if cfg.resume:
         state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         start, weight_sums = state['step'], state['weight_sums']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     common.seed_rank(cfg, run)
-    logger = common.Logger(replace(cfg, max_steps=total), run, start)
+    stages = common.stage_ranges(cfg)
+    logger = common.Logger(replace(cfg, max_steps=stages[-1][2]), run, start)
     collate_fn = partial(collate_rows, tokenizer=tokenizer, cfg=cfg, n_image=model.n_image)
     trainable, batch = None, None
-    for stage, first, last in ((1, 0, s1), (2, s1, total)):
+    for stage, first, last in stages:
         if last <= max(first, start):
             continue
         trainable = None  # stage 1's DDP wrapper goes before stage 2's is built
         module = model.projector if stage == 1 else nn.ModuleList([model.projector, model.llm])
-        model.llm.requires_grad_(stage == 2)                                      # stage 1: the LLM is frozen
+        model.llm.requires_grad_(stage == 2)  # stage 1: the LLM is frozen
         use_cal = cfg.cal and str(stage) in cfg.cal_stages.split(',')
-        schedule = replace(cfg, lr=cfg.stage1_lr if stage == 1 else cfg.lr, max_steps=last - first)
+        schedule = common.stage_schedule(cfg, stage, first, last)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
-        if state is not None and state['stage'] == stage:  # + this stage's optimizer and the RNG streams
-            common.restore(state, model, optimizer, out / 'ckpt.pt', SHAPE_FLAGS)
-        elif state is not None and start == first:  # resumed at the end of stage 1: its weights, and the RNG
-            common.set_rng_state(state['rng'])
-        # DDP syncs what requires grad when it is built: the projector in stage 1, projector + LLM in stage 2
+        common.resume_stage(state, stage, first, start, model, optimizer, out / 'ckpt.pt',
+                            SHAPE_FLAGS)
+        # DDP syncs what requires grad when built: the projector in stage 1, + the LLM in stage 2
         trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         model.train()
-        batches = train_batches(training_rows(cfg, stage, world), cfg.batch_size, collate_fn, cfg.seed + stage,
-                                start_step=(max(first, start) - first) * cfg.grad_accum, num_workers=cfg.num_workers,
-                                rank=run.rank, world_size=run.world_size, max_bad_images=cfg.max_bad_images)
-        save = lambda step: run.is_main and common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step,
-                                                                   cfg, stage=stage, weight_sums=weight_sums)
+        rows = training_rows(cfg, stage, world)
+        batch_stream = partial(train_batches, rows, cfg.batch_size, collate_fn, cfg.seed + stage,
+                               num_workers=cfg.num_workers, rank=run.rank,
+                               world_size=run.world_size, max_bad_images=cfg.max_bad_images)
+        batches = batch_stream(start_step=(max(first, start) - first) * cfg.grad_accum)
+        # for MFU, on another copy of the data
+        fresh_batch = lambda: common.to_device(next(batch_stream()), run.device)
+        one_step = lambda: answer_loss(model, model, fresh_batch(), cfg, use_cal)['loss'].backward()
+        logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
         for step in range(max(first, start), last):
             lr = common.lr_at(step - first, schedule)
             common.set_lr(optimizer, lr)
             for micro in range(cfg.grad_accum):
-                if run.distributed:
+                if run.distributed:  # sync gradients on the last micro-batch only
                     trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
-                batch = {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+                batch = common.to_device(next(batches), run.device)
                 with run.autocast():
                     losses = answer_loss(model, trainable, batch, cfg, use_cal)
                 common.check_finite(losses['loss'], step, cfg)
@@ -475,23 +551,23 @@ def main(argv=None):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
-            if cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0 and step + 1 < last:
-                logger.pause()
-                if run.is_main:
-                    val = evaluate(model, cfg, 'val', run, world)
-                    logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
-                save(step + 1)
-                logger.resume()
-        logger.pause()
-        save(last)
-        logger.resume()
-    logger.pause()
+            evaluating = cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0
+            if evaluating or step + 1 == last:
+                with logger.paused():
+                    if evaluating and step + 1 < last and run.is_main:
+                        val = evaluate(model, cfg, 'val', run, world)
+                        logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
+                    if run.is_main:
+                        common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer,
+                                               step + 1, cfg, stage=stage, weight_sums=weight_sums)
     if run.is_main:
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         if cfg.stage != '1' and batch is not None:
             metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
-        for name, (total, count) in zip(('mean', 'noisy', 'visual'), weight_sums.view(3, 2).tolist()):
-            if count:  # the mean CAL weight in training: all answer tokens, corrupted ones, clean visual ones
+        totals_and_counts = weight_sums.view(3, 2).tolist()
+        for name, (total, count) in zip(('mean', 'noisy', 'visual'), totals_and_counts):
+            # the mean CAL weight in training: all answer tokens, corrupted ones, clean visual
+            if count:
                 metrics[f'cal_weight_{name}'] = total / count
         print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()

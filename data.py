@@ -1,13 +1,12 @@
-"""
-Data for nanoalign: ShapesWorld (the built-in, offline data set), caption-JSON data sets (COCO / Flickr30k
-Karpathy splits, or any JSON of image-caption rows), the ShapesWorld word-level tokenizer, image
-transforms, collate and loaders. Imports nothing from the project; every method file uses it.
+"""Data for nanoalign: ShapesWorld (the built-in, offline data set), caption-JSON data sets (COCO /
+Flickr30k Karpathy splits, or any JSON of image-caption rows), the ShapesWorld word-level tokenizer,
+image transforms, collate and loaders. Imports nothing from the project; every method file uses it.
 
 ShapesWorld in one minute:
     world = ShapesWorld(seed=0)
-    world.scene('train', 7)     # [{'color': 'red', 'shape': 'circle', 'size': 'small', 'row': 0, 'col': 2}, ...]
+    world.scene('train', 7)     # [dict(color='red', shape='circle', size='small', row=0, col=2)]
     world.image('train', 7)     # 64x64 RGB PIL image
-    world.captions('train', 7)  # 5 true captions, e.g. 'a small red circle above a large blue square'
+    world.captions('train', 7)  # 5 true captions: 'a small red circle above a large blue square'
     world.swap(caption, scene, 'color', rng)  # one visual word changed, caption now false
     world.questions('val', 3)   # [('what color is the circle ?', 'red', 'color'), ...]
 
@@ -33,7 +32,7 @@ from tqdm import tqdm
 
 
 class UserError(Exception):
-    """A mistake in the user's input (flag, file, data). Method files print the message, no stack trace."""
+    """A mistake in the user's input (flag, file, data); method files print only its message."""
 
 
 # ----------------------------------------------------------------------------- vocabulary
@@ -50,10 +49,11 @@ ATTRIBUTE_WORDS = dict(color=COLORS, shape=SHAPES, size=SIZES,
 VISUAL_WORDS = frozenset(COLORS + SHAPES + PLURALS + SIZES + POSITION_WORDS + RELATION_WORDS)
 NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 
-SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[DEC]')  # ids 0..5, BERT's order + decoder BOS
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[DEC]')  # BERT's + decoder BOS
 VOCAB = SPECIAL_TOKENS + COLORS + SHAPES + PLURALS + SIZES + ATTRIBUTE_WORDS['position'] + (
     'a', 'there', 'is', 'are', 'at', 'the', 'to', 'of', 'and',                # caption grammar
-    'what', 'color', 'shape', 'size', 'where', 'how', 'many', 'object', 'objects', 'yes', 'no',  # questions
+    'what', 'color', 'shape', 'size', 'where', 'how', 'many',                 # questions
+    'object', 'objects', 'yes', 'no',
     'question', 'answer', 'picture', 'describe', 'this', 'image',              # prompts
     '?', ':', '.', ',') + NUMBERS + tuple('0123456789')
 PROMPTS = ('a picture of', 'describe this image :', 'question :', 'answer :')  # all in VOCAB
@@ -62,27 +62,27 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTIONS_PER_IMAGE = 5
 EVAL_IMAGES = 1000  # val and test size
-# Split ranges in the one global stream of images: test [0, 1000), val [1000, 2000), train [2000, ...).
+# Split ranges in the one global image stream: test [0, 1000), val [1000, 2000), train [2000, ...).
 SPLIT_START = dict(test=0, val=EVAL_IMAGES, train=2 * EVAL_IMAGES)
-# Scenes are also disjoint in *content*: a scene (objects and cells) belongs to one split by a hash bucket,
-# so no val/test scene is ever seen in training.
+# Scenes are also disjoint in *content*: a scene (objects and cells) belongs to one split by a hash
+# bucket, so no val/test scene is ever seen in training.
 SPLIT_BUCKETS = dict(test=(0,), val=(1,), train=tuple(range(2, 20)))
 
 RGB = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(50, 90, 230), yellow=(230, 210, 40),
-           purple=(150, 60, 200), orange=(245, 140, 30), white=(245, 245, 245), gray=(128, 128, 128))
-_SCENE, _PIXELS, _CAPTIONS, _NOISE, _QUESTIONS, _ANSWER_NOISE = range(6)  # independent random streams per image
+           purple=(150, 60, 200), orange=(245, 140, 30), white=(245,) * 3, gray=(128,) * 3)
+_SCENE, _PIXELS, _CAPTIONS, _NOISE, _QUESTIONS, _ANSWER_NOISE = range(6)  # per-image rng streams
 
 
 # ----------------------------------------------------------------------------- caption grammar
-# caption  := 'there is' NP POS | POS 'there is' NP | NP 'is' POS | NP | NP 'and' NP | NP ['is'] REL NP
-# NP       := 'a' [size] [color] shape        ('a' even before a vowel: a swap must change one word only)
-# POS      := 'at the' (top|bottom)? (left|right)? , or 'at the center'   (exactly one 3x3 cell)
-# REL      := 'above' | 'below' | 'to the left of' | 'to the right of'  (rows / columns, strictly)
-# Semantics are existential: "a red circle above a square" is true when SOME red circle is above SOME
-# other object that is a square; a missing attribute matches anything.
+# caption := 'there is' NP POS | POS 'there is' NP | NP 'is' POS | NP | NP ('and' | ['is'] REL) NP
+# NP      := 'a' [size] [color] shape  ('a' even before a vowel: a swap must change one word only)
+# POS     := 'at the' (top|bottom)? (left|right)? , or 'at the center'   (exactly one 3x3 cell)
+# REL     := 'above' | 'below' | 'to the left of' | 'to the right of'  (rows / columns, strictly)
+# Semantics are existential: "a red circle above a square" is true when SOME red circle is above
+# SOME other object that is a square; a missing attribute matches anything.
 
 def position_phrase(row, col):
-    """Grid cell -> its words: (0, 0) 'top left', (0, 1) 'top', (1, 1) 'center', (2, 2) 'bottom right'."""
+    """Cell -> words: (0, 0) 'top left', (0, 1) 'top', (1, 1) 'center', (2, 2) 'bottom right'."""
     words = [w for w in (('top', None, 'bottom')[row], ('left', None, 'right')[col]) if w]
     return ' '.join(words) or 'center'
 
@@ -90,7 +90,8 @@ def position_phrase(row, col):
 CELLS = {position_phrase(r, c): (r, c) for r in range(3) for c in range(3)}
 RELATIONS = {'and': lambda a, b: True,  # (object a, object b) -> does 'a REL b' hold
              'above': lambda a, b: a['row'] < b['row'], 'below': lambda a, b: a['row'] > b['row'],
-             'to the left of': lambda a, b: a['col'] < b['col'], 'to the right of': lambda a, b: a['col'] > b['col']}
+             'to the left of': lambda a, b: a['col'] < b['col'],
+             'to the right of': lambda a, b: a['col'] > b['col']}
 
 
 def _np_regex(k):  # NP number k as named groups size{k} color{k} shape{k}
@@ -100,19 +101,19 @@ def _np_regex(k):  # NP number k as named groups size{k} color{k} shape{k}
 
 _POS = f"at the (?P<pos>{'|'.join(CELLS)})"
 _FORMS = [re.compile(form) for form in (
-    f"there is {_np_regex(1)} {_POS}", f"{_POS} there is {_np_regex(1)}", f"{_np_regex(1)} is {_POS}",
-    _np_regex(1), f"{_np_regex(1)} (?P<rel>and) {_np_regex(2)}",
+    f"there is {_np_regex(1)} {_POS}", f"{_POS} there is {_np_regex(1)}",
+    f"{_np_regex(1)} is {_POS}", _np_regex(1), f"{_np_regex(1)} (?P<rel>and) {_np_regex(2)}",
     f"{_np_regex(1)} (?:is )?(?P<rel>above|below|to the left of|to the right of) {_np_regex(2)}")]
 
 
 def parse_caption(caption):
-    """Caption -> dict(nps=[np] or [np, np], cell=(row, col) or None, relation=None or a key of RELATIONS),
-    each np a dict(size, color, shape) with None for a missing word; None when not in the grammar."""
+    """Caption -> dict(nps=[np] or [np, np], cell=(row, col) | None, relation=RELATIONS key | None),
+    each np a dict(size, color, shape) with None for a missing word; None if not in the grammar."""
     match = next((m for form in _FORMS if (m := form.fullmatch(caption))), None)
     if match is None:
         return None
     g = match.groupdict()
-    nps = [dict(size=g[f'size{k}'], color=g[f'color{k}'], shape=g[f'shape{k}']) for k in (1, 2) if g.get(f'shape{k}')]
+    nps = [{a: g[a + k] for a in ('size', 'color', 'shape')} for k in '12' if g.get('shape' + k)]
     return dict(nps=nps, cell=CELLS.get(g.get('pos')), relation=g.get('rel'))
 
 
@@ -121,44 +122,44 @@ def _matches(obj, np_, cell=None):
             and (cell is None or cell == (obj['row'], obj['col'])))
 
 
+def _holds(form, scene):  # a parsed caption on a scene
+    if len(form['nps']) == 1:
+        return any(_matches(o, form['nps'][0], form['cell']) for o in scene)
+    (np_a, np_b), related = form['nps'], RELATIONS[form['relation']]
+    return any(a is not b and _matches(a, np_a) and _matches(b, np_b) and related(a, b)
+               for a in scene for b in scene)
+
+
 def caption_is_true(caption, scene):
-    """Evaluate a grammar caption on a scene (existential semantics; two NPs name two different objects)."""
+    """Evaluate a grammar caption on a scene (existential; two NPs name two different objects)."""
     form = parse_caption(caption)
     if form is None:
         raise ValueError(f"not a ShapesWorld caption: '{caption}'")
     return _holds(form, scene)
 
 
-def _holds(form, scene):  # a parsed caption on a scene
-    if len(form['nps']) == 1:
-        return any(_matches(o, form['nps'][0], form['cell']) for o in scene)
-    related = RELATIONS[form['relation']]
-    return any(a is not b and _matches(a, form['nps'][0]) and _matches(b, form['nps'][1]) and related(a, b)
-               for a in scene for b in scene)
-
-
 def true_pairs(captions, scenes):
-    """(len(scenes), len(captions)) bool tensor: [i, j] = caption j is true of scene i. In a batch, a caption of
-    another image that is true of this one is no negative for it (ShapesWorld's small vocabulary makes that common);
-    each caption is parsed once."""
+    """(len(scenes), len(captions)) bool tensor: [i, j] = caption j is true of scene i. In a batch,
+    a caption of another image that is true of this one is no negative for it (ShapesWorld's small
+    vocabulary makes that common); each caption is parsed once."""
     forms = [parse_caption(c) for c in captions]
     return torch.tensor([[f is not None and _holds(f, scene) for f in forms] for scene in scenes])
 
 
 def swap(caption, scene, attribute, rng):
-    """Hard negative: change exactly one `attribute` word (color|shape|size|position, where position also
-    covers relation words) so that the caption is false of the scene. -> (new_caption, word_index) or None."""
+    """Hard negative: change exactly one `attribute` word (color, shape, size or position, relation
+    words included) so the caption is false of the scene -> (new_caption, word_index) or None."""
     words, options = caption.split(), ATTRIBUTE_WORDS[attribute]
     for i in rng.permutation([i for i, w in enumerate(words) if w in options]):
         for new in rng.permutation(options):
-            candidate = ' '.join(words[:i] + [str(new)] + words[i + 1:])
-            if new != words[i] and parse_caption(candidate) and not caption_is_true(candidate, scene):
-                return candidate, int(i)
+            swapped = ' '.join(words[:i] + [str(new)] + words[i + 1:])
+            if new != words[i] and parse_caption(swapped) and not caption_is_true(swapped, scene):
+                return swapped, int(i)
     return None
 
 
 def _np_words(obj, rng):
-    """'[size] [color] shape', paraphrased: full 40%, colour+shape 40%, size+shape 10%, shape alone 10%."""
+    """'[size] [color] shape', paraphrased: all 40%, colour+shape 40%, size+shape 10%, shape 10%."""
     keep_size, keep_color = ((1, 1), (0, 1), (1, 0), (0, 0))[rng.choice(4, p=(0.4, 0.4, 0.1, 0.1))]
     return ' '.join([obj['size']] * keep_size + [obj['color']] * keep_color + [obj['shape']])
 
@@ -178,7 +179,7 @@ def _one_caption(scene, rng):
     b = [o for o in scene if o is not a][rng.integers(len(scene) - 1)]
     if template == 'and':
         return f"a {_np_words(a, rng)} and a {_np_words(b, rng)}"
-    true_relations = [r for r in list(RELATIONS)[1:] if RELATIONS[r](a, b)]  # at least one: cells differ
+    true_relations = [r for r in list(RELATIONS)[1:] if RELATIONS[r](a, b)]  # >= 1: cells differ
     relation = true_relations[rng.integers(len(true_relations))]
     verb = 'is ' if template == 'is_rel' else ''
     return f"a {_np_words(a, rng)} {verb}{relation} a {_np_words(b, rng)}"
@@ -186,76 +187,94 @@ def _one_caption(scene, rng):
 
 # ----------------------------------------------------------------------------- ShapesWorld
 
+def _unique_names(obj, scene, exclude):
+    """All unique names '[size] [color] (shape|object) [at the POS]' of obj, without `exclude`."""
+    names = []
+    for use in itertools.product((False, True), repeat=4):  # size, color, shape, position
+        if use[('size', 'color', 'shape', 'position').index(exclude)]:
+            continue
+        np_ = dict(size=obj['size'] if use[0] else None, color=obj['color'] if use[1] else None,
+                   shape=obj['shape'] if use[2] else None)
+        cell = (obj['row'], obj['col']) if use[3] else None
+        if sum(_matches(o, np_, cell) for o in scene) == 1:
+            words = [np_['size'], np_['color'], np_['shape'] or 'object']
+            words += ['at the', position_phrase(*cell)] if cell else []
+            names.append(' '.join(w for w in words if w))
+    return names
+
+
 class ShapesWorld:
-    """Procedural scenes: 1-3 objects (colour, shape, size) in distinct cells of a 3x3 grid, rendered on a
+    """Procedural scenes: 1-3 objects (colour, shape, size) in distinct cells of a 3x3 grid on a
     noisy dark canvas, with 5 true captions, hard negatives, optional caption noise and QA pairs."""
 
     def __init__(self, seed=0, image_size=64, min_objects=1, max_objects=3, caption_noise=0.0,
                  train_images=100_000):
         if not 1 <= min_objects <= max_objects <= 9:
-            raise UserError(f"need 1 <= min_objects <= max_objects <= 9 (one object per cell of the 3x3 grid), "
-                            f"got {min_objects} and {max_objects}")
+            raise UserError(f"need 1 <= min_objects <= max_objects <= 9 (one object per cell of "
+                            f"the 3x3 grid), got {min_objects} and {max_objects}")
         if not 0.0 <= caption_noise <= 1.0:
-            raise UserError(f"--caption_noise is a fraction of captions in [0, 1], got {caption_noise}")
+            raise UserError(f"--caption_noise is a fraction of captions in [0, 1], "
+                            f"got {caption_noise}")
         if image_size < 24:
-            raise UserError(f"--image_size {image_size} is too small to draw a 3x3 grid of shapes; use >= 24")
+            raise UserError(f"--image_size {image_size} is too small to draw a 3x3 grid of shapes; "
+                            f"use >= 24")
         self.seed, self.image_size, self.caption_noise = seed, image_size, caption_noise
         self.min_objects, self.max_objects = min_objects, max_objects
         self.sizes = dict(train=train_images, val=EVAL_IMAGES, test=EVAL_IMAGES)
-        self.transform = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])  # no augmentation
+        self.transform = T.Compose([T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])  # unaugmented
 
     def num_images(self, split):
         return self.sizes[split]
 
     def _rng(self, split, index, stream):
-        if not 0 <= index < self.sizes[split]:
-            raise IndexError(f"ShapesWorld {split} has {self.sizes[split]} images, asked for index {index}")
+        if not 0 <= index < (n := self.sizes[split]):
+            raise IndexError(f"ShapesWorld {split} has {n} images, asked for index {index}")
         return np.random.default_rng([self.seed, SPLIT_START[split] + index, stream])
 
     def scene(self, split, index):
-        """-> list of dict(color, shape, size, row, col), one object per cell, drawn until its hash bucket
-        belongs to `split` (about 1.1 draws for train, 20 for val/test; microseconds each)."""
+        """-> list of dict(color, shape, size, row, col), one object per cell, drawn until its hash
+        bucket belongs to `split` (~1.1 draws for train, 20 for val/test; microseconds each)."""
         rng = self._rng(split, index, _SCENE)
         while True:
             n = int(rng.integers(self.min_objects, self.max_objects + 1))
-            scene = [dict(color=COLORS[rng.integers(len(COLORS))], shape=SHAPES[rng.integers(len(SHAPES))],
-                          size=SIZES[rng.integers(len(SIZES))], row=int(cell) // 3, col=int(cell) % 3)
-                     for cell in sorted(rng.choice(9, n, replace=False))]
+            scene = [dict(color=COLORS[rng.integers(len(COLORS))],
+                          shape=SHAPES[rng.integers(len(SHAPES))],
+                          size=SIZES[rng.integers(len(SIZES))], row=int(c) // 3, col=int(c) % 3)
+                     for c in sorted(rng.choice(9, n, replace=False))]
             if zlib.crc32(repr(scene).encode()) % 20 in SPLIT_BUCKETS[split]:
                 return scene
 
     def image(self, split, index):
-        """-> RGB PIL image (image_size x image_size): dark canvas with per-pixel noise, objects drawn with
-        small jitter of position, size and colour so that no two renderings of an attribute are identical."""
+        """-> RGB PIL image (image_size x image_size): dark canvas with per-pixel noise; objects are
+        jittered in position, size and colour: no two renderings of an attribute are identical."""
         s, cell = self.image_size, self.image_size / 3
         rng = self._rng(split, index, _PIXELS)
-        canvas = rng.integers(20, 60, (s, s, 3), dtype=np.uint8)  # light background noise
-        img = Image.fromarray(canvas)
+        img = Image.fromarray(rng.integers(20, 60, (s, s, 3), dtype=np.uint8))  # background noise
         draw = ImageDraw.Draw(img)
         for obj in self.scene(split, index):
             cx, cy = (np.array([obj['col'], obj['row']]) + 0.5 + rng.uniform(-0.08, 0.08, 2)) * cell
             r = cell * (0.42 if obj['size'] == 'large' else 0.22) * rng.uniform(0.9, 1.1)
-            color = tuple(int(v) for v in np.clip(np.array(RGB[obj['color']]) + rng.integers(-12, 13, 3), 0, 255))
+            color = tuple(np.clip(rng.integers(-12, 13, 3) + RGB[obj['color']], 0, 255).tolist())
+            h, w, base = 0.85 * r, 0.3 * r, cy + 0.8 * r  # half square side, half bar width, base y
             if obj['shape'] == 'circle':
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
             elif obj['shape'] == 'square':
-                draw.rectangle([cx - 0.85 * r, cy - 0.85 * r, cx + 0.85 * r, cy + 0.85 * r], fill=color)
+                draw.rectangle([cx - h, cy - h, cx + h, cy + h], fill=color)
             elif obj['shape'] == 'triangle':
-                draw.polygon([(cx, cy - r), (cx - r, cy + 0.8 * r), (cx + r, cy + 0.8 * r)], fill=color)
+                draw.polygon([(cx, cy - r), (cx - r, base), (cx + r, base)], fill=color)
             else:  # cross: two bars
-                w = 0.3 * r
                 draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=color)
                 draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=color)
         return img
 
     def captions(self, split, index):
-        """-> 5 captions (distinct when the grammar allows); true of the scene unless noised (train only)."""
+        """-> 5 captions (distinct when the grammar allows), true unless noised (train only)."""
         return self.captions_and_noise(split, index)[0]
 
     def captions_and_noise(self, split, index):
-        """-> (5 captions, 5 noise word indices): with caption_noise p, each *training* caption is, with
-        probability p, made false by `swap` of one visual word, whose word index is recorded (-1 = clean).
-        The clean captions come from their own random stream, so they are the same for every p."""
+        """-> (5 captions, 5 noise word indices): with caption_noise p, each *training* caption is,
+        with probability p, made false by `swap` of one visual word, whose word index is recorded
+        (-1 = clean). The clean captions come from their own random stream: the same for every p."""
         scene, rng = self.scene(split, index), self._rng(split, index, _CAPTIONS)
         captions = []
         for _ in range(100):  # resample duplicates: identical texts make retrieval ties
@@ -270,7 +289,7 @@ class ShapesWorld:
             rng = self._rng(split, index, _NOISE)
             noised = rng.random(CAPTIONS_PER_IMAGE) < self.caption_noise  # monotone in p
             for j in np.flatnonzero(noised):
-                for attribute in rng.permutation(list(ATTRIBUTE_WORDS)):  # colour and shape always succeed
+                for attribute in rng.permutation(list(ATTRIBUTE_WORDS)):  # colour, shape never fail
                     swapped = swap(captions[j], scene, str(attribute), rng)
                     if swapped:
                         captions[j], noise[j] = swapped
@@ -278,8 +297,8 @@ class ShapesWorld:
         return captions, noise
 
     def swap_pairs(self, split, n_images, seed=0):
-        """The compositional test set (swap_acc): per image and attribute, the first of its captions that `swap`
-        can make false, and that swap -> [(image index, true caption, swapped caption, attribute, word index)]."""
+        """The compositional test set (swap_acc): per image and attribute, the first caption `swap`
+        can make false -> [(image index, true caption, swapped caption, attribute, word index)]."""
         pairs = []
         for i in range(n_images):
             rng, scene = np.random.default_rng([seed, i]), self.scene(split, i)
@@ -296,33 +315,34 @@ class ShapesWorld:
     swap = staticmethod(swap)
 
     def questions(self, split, index):
-        """-> [(question, answer, kind)] for instruction tuning, one per kind in order color, shape, size,
-        position, count, yesno (position is skipped when no object can be named without its cell).
-        Objects are named uniquely without the asked attribute, e.g. 'what color is the large circle ?'."""
+        """-> [(question, answer, kind)] for instruction tuning, one per kind in order color, shape,
+        size, position, count, yesno (no position if no object can be named without its cell).
+        Objects get unique names without the asked attribute: 'what color is the large circle ?'."""
         return self.questions_and_noise(split, index)[0]
 
     def questions_and_noise(self, split, index):
-        """-> (questions as above, noise word indices): with caption_noise p, each *training* answer of kind
-        color|shape|size|position is, with probability p, replaced by a wrong one differing in one word,
-        whose index in the answer is recorded (-1 = clean). Count and yes/no answers are never noised."""
+        """-> (questions as above, noise word indices): with caption_noise p, each *training*
+        color|shape|size|position answer is, with probability p, replaced by a wrong one differing
+        in one word, whose index is recorded (-1 = clean); count and yes/no answers never are."""
         scene, rng = self.scene(split, index), self._rng(split, index, _QUESTIONS)
         qa = []
-        for kind, template in (('color', 'what color is the {} ?'), ('shape', 'what shape is the {} ?'),
-                               ('size', 'what size is the {} ?'), ('position', 'where is the {} ?')):
+        for kind in ('color', 'shape', 'size', 'position'):
+            template = 'where is the {} ?' if kind == 'position' else f'what {kind} is the {{}} ?'
             for obj in rng.permutation(scene):
                 names = _unique_names(obj, scene, exclude=kind)
                 if names:
-                    answer = position_phrase(obj['row'], obj['col']) if kind == 'position' else obj[kind]
+                    answer = (position_phrase(obj['row'], obj['col']) if kind == 'position'
+                              else obj[kind])
                     qa.append((template.format(names[rng.integers(len(names))]), answer, kind))
                     break
-        obj = scene[rng.integers(len(scene))]
-        counted = rng.integers(3)
+        obj, counted = scene[rng.integers(len(scene))], rng.integers(3)
         color = obj['color'] if rng.random() < 0.5 else COLORS[rng.integers(len(COLORS))]
         shape = obj['shape'] if rng.random() < 0.5 else SHAPES[rng.integers(len(SHAPES))]
         if counted == 0:
             question, n = 'how many objects are there ?', len(scene)
         elif counted == 1:
-            question, n = f'how many {color} objects are there ?', sum(o['color'] == color for o in scene)
+            question, n = (f'how many {color} objects are there ?',
+                           sum(o['color'] == color for o in scene))
         else:
             question, n = (f'how many {PLURALS[SHAPES.index(shape)]} are there ?',
                            sum(o['shape'] == shape for o in scene))
@@ -339,37 +359,23 @@ class ShapesWorld:
                 if kind in ('count', 'yesno'):
                     continue
                 words = answer.split()  # wrong answers of the same length that differ in one word
-                wrong = [w for w in (CELLS if kind == 'position' else ATTRIBUTE_WORDS[kind])
-                         if len(w.split()) == len(words) and sum(a != b for a, b in zip(w.split(), words)) == 1]
+                options = CELLS if kind == 'position' else ATTRIBUTE_WORDS[kind]
+                wrong = [w for w in options if len(w.split()) == len(words)
+                         and sum(a != b for a, b in zip(w.split(), words)) == 1]
                 qa[j] = (question, wrong[rng.integers(len(wrong))], kind)
-                noise[j] = next(k for k, (a, b) in enumerate(zip(qa[j][1].split(), words)) if a != b)
+                noise[j] = next(k for k, w in enumerate(qa[j][1].split()) if w != words[k])
         return qa, noise
-
-
-def _unique_names(obj, scene, exclude):
-    """All phrases '[size] [color] (shape|object) [at the POS]' that pick out obj alone, not using `exclude`."""
-    names = []
-    for use in itertools.product((False, True), repeat=4):  # size, color, shape, position
-        if use[('size', 'color', 'shape', 'position').index(exclude)]:
-            continue
-        np_ = dict(size=obj['size'] if use[0] else None, color=obj['color'] if use[1] else None,
-                   shape=obj['shape'] if use[2] else None)
-        cell = (obj['row'], obj['col']) if use[3] else None
-        if sum(_matches(o, np_, cell) for o in scene) == 1:
-            words = [np_['size'], np_['color'], np_['shape'] or 'object']
-            words += ['at the', position_phrase(*cell)] if cell else []
-            names.append(' '.join(w for w in words if w))
-    return names
 
 
 def latents(images):
     """The fixed stand-in for a VAE encoder, so latent-input models run offline on ShapesWorld.
-    (..., 3, H, W) normalised images -> (..., 4, H/8, W/8): channels 0-2 are the 8x8 block means of R, G, B;
-    channel 3 is the 8x8 block standard deviation of the luminance (edges / texture), all lossy like a VAE.
-    No parameters: it is a documented function, not a learned model."""
+    (..., 3, H, W) normalised images -> (..., 4, H/8, W/8): channels 0-2 are the 8x8 block means of
+    R, G, B; channel 3 is the 8x8 block standard deviation of the luminance (edges / texture), all
+    lossy like a VAE. No parameters: it is a documented function, not a learned model."""
     *lead, _, h, w = images.shape
     if h % 8 or w % 8:
-        raise UserError(f"latents need an image size divisible by 8, got {h}x{w}; change --image_size")
+        raise UserError(f"latents need an image size divisible by 8, got {h}x{w}; "
+                        f"change --image_size")
     x = images.reshape(-1, 3, h, w)                                      # (N, 3, H, W)
     luminance = x.mean(1, keepdim=True)                                  # (N, 1, H, W)
     spread = (F.avg_pool2d(luminance ** 2, 8) - F.avg_pool2d(luminance, 8) ** 2).clamp_min(0).sqrt()
@@ -379,38 +385,40 @@ def latents(images):
 # ----------------------------------------------------------------------------- tokenizer
 
 def build_tokenizer():
-    """The ShapesWorld word-level tokenizer behind the Hugging Face interface (like BERT's): lowercases,
-    splits on spaces and punctuation, adds [CLS] ... [SEP]; [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4 and
-    [DEC]=5 (decoder BOS, `bos_token`). `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip."""
+    """ShapesWorld's word-level tokenizer behind the Hugging Face API (like BERT's): lowercases,
+    splits on spaces and punctuation, adds [CLS] ... [SEP]; [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+    [DEC]=5 (decoder BOS, bos_token). save_pretrained / AutoTokenizer.from_pretrained round-trip."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token='[UNK]'))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     core.post_processor = processors.TemplateProcessing(
-        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1', special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
-                                   sep_token='[SEP]', mask_token='[MASK]', bos_token='[DEC]', eos_token='[SEP]',
-                                   model_max_length=128)
+        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token='[PAD]', unk_token='[UNK]',
+                                   cls_token='[CLS]', sep_token='[SEP]', mask_token='[MASK]',
+                                   bos_token='[DEC]', eos_token='[SEP]', model_max_length=128)
 
 
 def visual_token_mask(tokenizer, input_ids):
-    """(..., L) ids -> (..., L) 0/1 long: 1 where the token is a visual word (works for any vocabulary)."""
+    """(..., L) ids -> (..., L) 0/1 long: 1 where the token is a visual word (any vocabulary)."""
     vocab = tokenizer.get_vocab()
     visual_ids = torch.tensor([vocab[w] for w in VISUAL_WORDS if w in vocab])
     return torch.isin(input_ids, visual_ids).long()
 
 
-# ----------------------------------------------------------------------------- caption JSON (COCO, Flickr30k, any)
+# ----------------------------------------------------------------------------- caption JSON
 
-KARPATHY_URL = 'https://storage.googleapis.com/sfr-vision-language-research/datasets/{}.json'  # BLIP's copies
-KARPATHY_FILES = dict(coco='coco_karpathy_{}', flickr30k='flickr30k_{}')
+KARPATHY_URL = 'https://storage.googleapis.com/sfr-vision-language-research/datasets/{}.json'
+KARPATHY_FILES = dict(coco='coco_karpathy_{}', flickr30k='flickr30k_{}')  # names of BLIP's copies
 LAYOUT = dict(coco="train2014/ and val2014/ (the COCO 2014 images)", flickr30k="flickr30k-images/")
+_EXAMPLE_ROW = '{"image": "images/1.jpg", "caption": "a dog"}'  # for error messages
 
 
 def pre_caption(caption, max_words=30):
-    """Caption cleaning as in BLIP (ALBEF is the same up to which punctuation it drops): lowercase, punctuation
-    to spaces, collapse spaces, keep the first max_words words."""
+    """Caption cleaning as in BLIP (ALBEF is the same up to which punctuation it drops): lowercase,
+    punctuation to spaces, collapse spaces, keep the first max_words words."""
     caption = re.sub(r"([.!\"()*#:;~])", ' ', caption.lower())
     caption = re.sub(r"\s{2,}", ' ', caption).strip()
     return ' '.join(caption.split(' ')[:max_words])
@@ -418,18 +426,18 @@ def pre_caption(caption, max_words=30):
 
 def flip_caption(caption):
     """The words left and right swapped, so a caption stays true of a horizontally flipped image."""
-    return re.sub(r"\b(left|right)\b", lambda m: 'right' if m.group(1) == 'left' else 'left', caption)
+    return re.sub(r"\b(left|right)\b", lambda m: 'right' if m[1] == 'left' else 'left', caption)
 
 
 class ImageTransform:
-    """(PIL image, caption) -> ((3, s, s) tensor, caption). Train: RandomResizedCrop(scale 0.5-1, bicubic) and
-    a horizontal flip with probability 0.5 that also swaps left/right in the caption; eval: Resize((s, s))."""
+    """(PIL image, caption) -> ((3, s, s) tensor, caption). Train: RandomResizedCrop(scale 0.5-1,
+    bicubic) and a p=0.5 horizontal flip that also flips left/right words; eval: Resize((s, s))."""
 
     def __init__(self, image_size, train):
-        bicubic = T.InterpolationMode.BICUBIC
+        self.train, bicubic = train, T.InterpolationMode.BICUBIC
         resize = (T.RandomResizedCrop(image_size, scale=(0.5, 1.0), interpolation=bicubic) if train
                   else T.Resize((image_size, image_size), interpolation=bicubic))
-        self.train, self.pixels = train, T.Compose([resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        self.pixels = T.Compose([resize, T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
 
     def __call__(self, image, caption):
         if self.train and torch.rand(()) < 0.5:
@@ -438,39 +446,43 @@ class ImageTransform:
 
 
 def _read_rows(path):
-    """JSON list (or JSON Lines) of dict rows, with a UserError naming the file for every way it can be wrong."""
+    """JSON list (or JSON Lines) of dict rows; any problem is a UserError naming the file."""
     text, jsonl = Path(path).read_text(encoding='utf-8'), str(path).endswith('.jsonl')
     try:  # a .jsonl file holds one JSON row per line; anything else is one JSON list
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if jsonl else json.loads(text)
+        rows = ([json.loads(line) for line in text.splitlines() if line.strip()] if jsonl
+                else json.loads(text))
     except json.JSONDecodeError as e:
         where = f"in the line {e.doc[:60]!r}" if jsonl else f"at line {e.lineno} column {e.colno}"
-        raise UserError(f"{path} is not valid JSON ({e.msg} {where}); expected a JSON list of rows, or JSON "
-                        f'Lines (.jsonl), each row like {{"image": "images/1.jpg", "caption": "a dog"}}') from None
+        raise UserError(f"{path} is not valid JSON ({e.msg} {where}); expected a JSON list of "
+                        f"rows, or JSON Lines (.jsonl), each row like {_EXAMPLE_ROW}") from None
     if not isinstance(rows, list) or not rows:
-        got = f"a dict with keys {list(rows)[:5]}" if isinstance(rows, dict) else f"{type(rows).__name__} {rows!r:.40}"
-        raise UserError(f"{path}: expected a non-empty JSON list of rows like "
-                        f'{{"image": "images/1.jpg", "caption": "a dog"}}, got {got}')
+        got = (f"a dict with keys {list(rows)[:5]}" if isinstance(rows, dict)
+               else f"{type(rows).__name__} {rows!r:.40}")
+        raise UserError(f"{path}: expected a non-empty JSON list of rows like {_EXAMPLE_ROW}, "
+                        f"got {got}")
     for r, row in enumerate(rows):
         caption = row.get('caption') if isinstance(row, dict) else None
-        if not (isinstance(caption, str) or (isinstance(caption, list) and caption
-                                             and all(isinstance(c, str) for c in caption))) \
-                or not isinstance(row.get('image', row.get('latent')), str):
-            raise UserError(f"{path}: row {r} is {row!r:.120}; each row needs 'caption' (a string or a list of "
-                            f"strings) and 'image' (an image path) or 'latent' (a .pt/.npy tensor path)")
+        good_caption = isinstance(caption, str) or (
+            isinstance(caption, list) and caption and all(isinstance(c, str) for c in caption))
+        if not good_caption or not isinstance(row.get('image', row.get('latent')), str):
+            raise UserError(f"{path}: row {r} is {row!r:.120}; each row needs 'caption' (a string "
+                            f"or a list of strings) and 'image' (an image path) or 'latent' (a "
+                            f".pt/.npy tensor path)")
     return rows
 
 
 class CaptionJSON(Dataset):
-    """Image-caption rows from a JSON file: the BLIP/ALBEF Karpathy files (train: one row per caption
-    {image, caption, image_id}; val/test: one row per image {image, caption: [...]}) or any such list with
-    'image' or 'latent' paths relative to `root`. Rows are grouped by image; image_id = order of first
-    appearance. Train items are one per caption, eval items one per image (ALBEF's texts/txt2img/img2txt)."""
+    """Image-caption JSON rows: the BLIP/ALBEF Karpathy files (train: one row per caption {image,
+    caption, image_id}; val/test: one row per image {image, caption: [...]}) or any such list with
+    'image' or 'latent' paths relative to `root`. Rows are grouped by image; image_id = order of
+    first appearance. Train items are one per caption, eval items one per image (ALBEF's
+    texts/txt2img/img2txt)."""
 
     def __init__(self, ann_file, root, split, image_size, max_words=30, max_images=0):
         rows = _read_rows(ann_file)
         self.root, self.train = Path(root), split == 'train'
         self.transform = ImageTransform(image_size, train=self.train)
-        image_index, self.paths, self.captions = {}, [], []  # paths[i]: (kind, path); captions[i]: list
+        image_index, self.paths, self.captions = {}, [], []  # [(kind, path)], [[caption]]
         for r, row in enumerate(rows):
             kind = 'image' if 'image' in row else 'latent'
             key = (kind, row[kind])
@@ -486,22 +498,21 @@ class CaptionJSON(Dataset):
                     raise UserError(f"{ann_file}: row {r} has an empty caption ({caption!r}); "
                                     f"fix or remove that row")
                 self.captions[image_index[key]].append(cleaned)
-        first = self.root / self.paths[0][1]
-        if not first.exists():
-            raise UserError(f"{first} does not exist: the paths in {ann_file} are relative to --data_root "
-                            f"({root}); point --data_root at the folder that holds them")
-        self.rows = [(i, c) for i, cs in enumerate(self.captions) for c in cs]  # train: one per caption
-        self.texts = [c for cs in self.captions for c in cs]                    # eval: all captions, and
-        self.txt2img = [i for i, cs in enumerate(self.captions) for _ in cs]    # the image of each
+        if not (first := self.root / self.paths[0][1]).exists():
+            raise UserError(f"{first} does not exist: the paths in {ann_file} are relative to "
+                            f"--data_root ({root}); point --data_root at the folder that holds "
+                            f"them")
+        self.rows = [(i, c) for i, cs in enumerate(self.captions) for c in cs]  # train items
+        self.texts = [c for cs in self.captions for c in cs]                    # eval: all captions
+        self.txt2img = [i for i, cs in enumerate(self.captions) for _ in cs]    # and their images
         ends = np.cumsum([len(cs) for cs in self.captions]).tolist()
         self.img2txt = [list(range(end - len(cs), end)) for cs, end in zip(self.captions, ends)]
 
     def __len__(self):
         return len(self.rows) if self.train else len(self.paths)
 
-    def _load(self, i, caption):  # -> (tensor, caption), or None for an unreadable file (counted by collate)
-        kind, path = self.paths[i]
-        path = self.root / path
+    def _load(self, i, caption):  # -> (tensor, caption), None if unreadable (collate counts those)
+        kind, path = self.paths[i][0], self.root / self.paths[i][1]
         try:
             if kind == 'latent':  # (4, h, w) precomputed VAE latents: no augmentation
                 return (torch.load(path, weights_only=True) if path.suffix == '.pt'
@@ -514,8 +525,7 @@ class CaptionJSON(Dataset):
 
     def __getitem__(self, k):
         i, caption = self.rows[k] if self.train else (k, self.captions[k][0])
-        loaded = self._load(i, caption)
-        if loaded is None:
+        if (loaded := self._load(i, caption)) is None:
             return None
         item = dict(image=loaded[0], caption=loaded[1], image_id=i)
         return item if self.train else dict(item, captions=self.captions[k])
@@ -528,8 +538,8 @@ def _fetch(url, path):
     tmp = Path(f"{path}.part")
     try:
         with urllib.request.urlopen(url, timeout=10) as response, open(tmp, 'wb') as out, \
-                tqdm(total=int(response.headers.get('Content-Length', 0)) or None, unit='B', unit_scale=True,
-                     desc=f"downloading {Path(path).name}") as bar:
+                tqdm(total=int(response.headers.get('Content-Length', 0)) or None, unit='B',
+                     unit_scale=True, desc=f"downloading {Path(path).name}") as bar:
             while chunk := response.read(1 << 16):
                 bar.update(out.write(chunk))
     except OSError as e:  # URLError, timeouts and unwritable folders are all OSErrors
@@ -540,9 +550,9 @@ def _fetch(url, path):
 
 
 class ShapesCaptions(Dataset):
-    """ShapesWorld as a data set in the same row format as CaptionJSON. Train items: one per caption, with
-    the split `index` (for world.scene) and `noise_word` (-1 or the noised word's index). Eval items: one per
-    image with all 5 captions. image_input='latents' gives the (4, H/8, W/8) stand-in latents as `image`."""
+    """ShapesWorld in CaptionJSON's row format. Train items: one per caption, with the split `index`
+    (for world.scene) and `noise_word` (-1 or the noised word's index). Eval items: one per image
+    with all 5 captions. image_input='latents' gives stand-in latents (4, H/8, W/8) as `image`."""
 
     def __init__(self, world, split, image_input='pixels', max_images=0):
         self.world, self.split, self.train = world, split, split == 'train'
@@ -565,22 +575,24 @@ class ShapesCaptions(Dataset):
         captions, noise = self.world.captions_and_noise(self.split, index)
         if self.image_input == 'latents':
             image = latents(image)  # (4, H/8, W/8)
-        item = dict(image=image, caption=captions[j], image_id=index, index=index, noise_word=noise[j])
+        item = dict(image=image, caption=captions[j], image_id=index, index=index,
+                    noise_word=noise[j])
         return item if self.train else dict(item, captions=captions)
 
 
-def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=None, image_input='pixels',
-                  max_images=0):
-    """data: 'shapes' (needs `world`) | 'coco' | 'flickr30k' (Karpathy JSONs in data_root, fetched if missing)
-    | 'json' (`ann_file`, paths relative to data_root or else to the file's folder; a '{split}' in ann_file
-    is replaced by the split name, otherwise the same file serves every split)."""
+def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=None,
+                  image_input='pixels', max_images=0):
+    """data: 'shapes' (needs `world`) | 'coco' | 'flickr30k' (Karpathy JSONs in data_root, fetched
+    if missing) | 'json' (`ann_file`, paths relative to data_root, else to the file's folder; a
+    '{split}' in ann_file becomes the split name, otherwise one file serves every split)."""
     if data == 'shapes':
         return ShapesCaptions(world, split, image_input=image_input, max_images=max_images)
     if data not in ('coco', 'flickr30k', 'json'):
         raise UserError(f"unknown --data '{data}'; choose shapes, coco, flickr30k or json")
     if data == 'json':
         if not ann_file:
-            raise UserError("--data json needs --ann_file (a JSON list or JSONL of {image|latent, caption} rows)")
+            raise UserError("--data json needs --ann_file (a JSON list or JSONL of "
+                            "{image|latent, caption} rows)")
         path = Path(ann_file.replace('{split}', split))
         if not path.is_file():
             raise UserError(f"--ann_file {path} does not exist")
@@ -588,41 +600,41 @@ def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=
     else:
         root = Path(data_root)
         if not data_root or not root.is_dir():
-            raise UserError(f"--data_root '{data_root}' is not a folder; for --data {data} it must hold "
-                            f"{LAYOUT[data]} and the annotation JSONs")
+            raise UserError(f"--data_root '{data_root}' is not a folder; for --data {data} it must "
+                            f"hold {LAYOUT[data]} and the annotation JSONs")
         name = KARPATHY_FILES[data].format(split)
         path, url = root / f"{name}.json", KARPATHY_URL.format(name)
-        if not path.is_file():
-            failed = _fetch(url, path)
-            if failed:
-                raise UserError(f"annotation file {path} is missing and could not be downloaded ({failed}); "
-                                f"download {url} and put it at {path}")
+        if not path.is_file() and (failed := _fetch(url, path)):
+            raise UserError(f"annotation file {path} is missing and could not be downloaded "
+                            f"({failed}); download {url} and put it at {path}")
     dataset = CaptionJSON(path, root, split, image_size, max_images=max_images)
     if (image_input == 'latents') != (dataset.paths[0][0] == 'latent'):
         raise UserError(f"--image_input {image_input} needs rows with "
-                        f"'{'latent' if image_input == 'latents' else 'image'}' paths, but {path} has "
-                        f"'{dataset.paths[0][0]}' rows")
+                        f"'{'latent' if image_input == 'latents' else 'image'}' paths, but {path} "
+                        f"has '{dataset.paths[0][0]}' rows")
     return dataset
 
 
 # ----------------------------------------------------------------------------- collate and loaders
 
 def collate(batch, tokenizer, max_len):
-    """Items -> dict(image (B, 3, H, W) [or (B, 4, h, w) latents], input_ids (B, L), attention_mask (B, L),
-    image_id (B,), caption (B strings), n_bad); ShapesWorld adds index (B,), visual_mask (B, L) and noise_mask
-    (B, L) (1 on the tokens of the noised word); eval items add captions (B lists). Unreadable items (None) are
-    dropped and counted in n_bad; a batch with none readable is just dict(n_bad=B)."""
+    """Items -> dict(image (B, 3, H, W) [or (B, 4, h, w) latents], input_ids, attention_mask (B, L),
+    image_id (B,), caption (B strings), n_bad); ShapesWorld adds index (B,), visual_mask and
+    noise_mask (B, L) (1 on the noised word's tokens); eval items add captions (B lists). Unreadable
+    items (None) are dropped and counted in n_bad; a batch with none readable is dict(n_bad=B)."""
     items = [item for item in batch if item is not None]
     if not items:
         return dict(n_bad=len(batch))
     shapes = {tuple(item['image'].shape) for item in items}
     if len(shapes) > 1:  # e.g. latent files of different grids: one batch needs one shape
-        raise UserError(f"one batch holds images / latents of different shapes {sorted(shapes)}; store every "
-                        f"latent with the same (channels, h, w), or resize the images to one size")
+        raise UserError(f"one batch holds images / latents of different shapes {sorted(shapes)}; "
+                        f"store every latent with the same (channels, h, w), or resize the images "
+                        f"to one size")
     enc = tokenizer([item['caption'] for item in items], padding='longest', truncation=True,
                     max_length=max_len, return_tensors='pt')
     out = dict(image=torch.stack([item['image'] for item in items]), input_ids=enc.input_ids,
-               attention_mask=enc.attention_mask, image_id=torch.tensor([item['image_id'] for item in items]),
+               attention_mask=enc.attention_mask,
+               image_id=torch.tensor([item['image_id'] for item in items]),
                caption=[item['caption'] for item in items], n_bad=len(batch) - len(items))
     if 'captions' in items[0]:
         out['captions'] = [item['captions'] for item in items]
@@ -630,40 +642,42 @@ def collate(batch, tokenizer, max_len):
         out['index'] = torch.tensor([item['index'] for item in items])
         out['visual_mask'] = visual_token_mask(tokenizer, enc.input_ids)
         out['noise_mask'] = torch.zeros_like(enc.input_ids)
-        for b, item in enumerate(items):  # word index -> token positions (a word may be several tokens)
+        for b, item in enumerate(items):  # word index -> token positions (a word may span tokens)
             for t, word in enumerate(enc.word_ids(b)):
                 out['noise_mask'][b, t] = int(word is not None and word == item['noise_word'])
     return out
 
 
-def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_workers=0, rank=0, world_size=1,
-                  max_bad_images=0):
-    """Infinite generator of training batches. Each epoch: DistributedSampler(shuffle, seed, drop_last=True)
-    with set_epoch(epoch), cut into full batches of this rank's share. Starting at `start_step` skips exactly
-    that many batches by index arithmetic, without loading them, so a resumed run sees the same batches as
-    an uninterrupted one. Unreadable images are skipped and counted (from start_step on); past
-    max_bad_images it stops with a UserError. Batches with no readable image are skipped."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_workers=0, rank=0,
+                  world_size=1, max_bad_images=0):
+    """Infinite generator of training batches. Each epoch: DistributedSampler(shuffle, seed,
+    drop_last=True) with set_epoch(epoch), cut into full batches of this rank's share. Starting at
+    `start_step` skips that many batches by index arithmetic, without loading them, so a resumed run
+    sees the same batches as an uninterrupted one. Unreadable images are skipped and counted (from
+    start_step on); past max_bad_images, a UserError. Batches with no readable image are skipped."""
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                 seed=seed, drop_last=True)
     steps_per_epoch = len(sampler) // batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(dataset)} rows, fewer than one batch of {batch_size} "
-                        f"per process x {world_size} processes; lower --batch_size")
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    n_bad = 0
+        raise UserError(f"the training set has {len(dataset)} rows, fewer than one batch of "
+                        f"{batch_size} per process x {world_size} processes; lower --batch_size")
+    (epoch, skip), n_bad = divmod(start_step, steps_per_epoch), 0
     while True:
         sampler.set_epoch(epoch)
         indices = list(sampler)
-        batches = [indices[s * batch_size:(s + 1) * batch_size] for s in range(skip, steps_per_epoch)]
-        # own generator: creating the loader must not draw from the global RNG, or a resumed run's masks and
-        # samples would be shifted by one draw against the uninterrupted run's
-        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn, num_workers=num_workers,
-                            pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed + epoch))
+        batches = [indices[s * batch_size:(s + 1) * batch_size]
+                   for s in range(skip, steps_per_epoch)]
+        # own generator: creating the loader must not draw from the global RNG, or a resumed run's
+        # masks and samples would be shifted by one draw against the uninterrupted run's
+        loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                            num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                            generator=torch.Generator().manual_seed(seed + epoch))
         for batch in loader:
             n_bad += batch['n_bad']
             if n_bad > max_bad_images:
-                raise UserError(f"{n_bad} images could not be read (see the warnings above for which), more than "
-                                f"--max_bad_images {max_bad_images}; fix the files or raise --max_bad_images")
+                raise UserError(f"{n_bad} images could not be read (see the warnings above for "
+                                f"which), more than --max_bad_images {max_bad_images}; fix the "
+                                f"files or raise --max_bad_images")
             if 'image' in batch:
                 yield batch
         epoch, skip = epoch + 1, 0

@@ -36,12 +36,87 @@ REPO = Path(__file__).resolve().parent
 import backbones
 import common
 import data
-from common import (CLIP_MEAN, CLIP_STD, PAD, PANEL_W, Attention, BertLayer, RunConfig, VisionTransformer,
-                    _ptb_like, _spice_ready, _tokenize, auroc, bert_from_hf, caption_metrics, causal_mask,
-                    interpolate_pos_embed, padding_mask, parse_config, render_tokens, retrieval_metrics, vit_from_hf)
-from data import UserError
+from backbones import (Attention, BertLayer, VisionTransformer, bert_from_hf, causal_mask, interpolate_pos_embed,
+                       padding_mask, vit_from_hf)
+from common import (PAD, PANEL_W, RunConfig, auroc, caption_metrics, parse_config, ptb_like, ptb_tokenize,
+                    render_tokens, retrieval_metrics, spice_ready)
+from data import CLIP_MEAN, CLIP_STD, UserError
 
-# ============================================================================= common: config, CLI, training core
+# ============================================================================= shared fixtures and helpers
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv('NANOALIGN_OFFLINE', '1')
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+    return data.build_tokenizer()
+
+
+@pytest.fixture(scope='module')
+def builtin_backbones(tmp_path_factory):
+    """The three shapes-tiny backbones, pretrained for a few steps only, in a temporary backbone folder."""
+    folder = tmp_path_factory.mktemp('backbones')
+    for name in backbones.BUILTIN_BACKBONES:
+        backbones.builtin_backbone(name, cache_dir=folder, steps=3)
+    return folder
+
+
+@pytest.fixture
+def tiny_backbones(builtin_backbones, monkeypatch, tmp_path_factory):
+    """Method runs load their shapes-tiny backbones from the few-step fixture folder, and score captions without
+    Java (METEOR's JVM takes seconds per call; the metrics themselves are tested with and without Java above)."""
+    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
+    monkeypatch.setenv('PATH', str(tmp_path_factory.mktemp('no_java')))
+    return builtin_backbones
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
+
+
+def interrupted_then_resumed(main, argv, out, stop_at, monkeypatch):
+    """Run main(argv) until the checkpoint of step `stop_at` is written, die there, then run it again with
+    --resume true: the resumed run must end where an uninterrupted one does."""
+    class Died(Exception):
+        pass
+
+    save = common.save_checkpoint
+
+    def save_then_die(path, method, model, optimizer, step, cfg, **extra):
+        save(path, method, model, optimizer, step, cfg, **extra)
+        if step == stop_at:
+            raise Died
+
+    monkeypatch.setattr(common, 'save_checkpoint', save_then_die)
+    with pytest.raises(Died):
+        main(argv + ['--out_dir', str(out)])
+    monkeypatch.setattr(common, 'save_checkpoint', save)
+    main(argv + ['--out_dir', str(out), '--resume', 'true'])
+    return torch.load(Path(out) / 'ckpt.pt', weights_only=True)
+
+
+def assert_same_weights(a, b, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f'{k}: {m}')
+
+
+def rng_at_each_call(module, name, monkeypatch, run):
+    """The torch RNG state at every call of module.name while run() runs: what each training step draws from."""
+    states, function = [], getattr(module, name)
+
+    def recorded(*args, **kwargs):
+        states.append(torch.get_rng_state())
+        return function(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, recorded)
+    run()
+    monkeypatch.setattr(module, name, function)
+    return states
+
+# ============================================================================= common.py
 
 @dataclass
 class ToyConfig(RunConfig):
@@ -212,18 +287,198 @@ def test_gathered_contrastive_loss_on_two_ranks_matches_one_process_on_the_whole
     for ddp_grad, p in zip(torch.load(tmp_path / 'grads.pt'), model.parameters()):
         torch.testing.assert_close(ddp_grad, p.grad, atol=1e-6, rtol=1e-5)
 
+# ----------------------------------------------------------------------------- metrics and pictures
 
-# ============================================================================= data: ShapesWorld, tokenizer, real data, loaders
+needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='java not on PATH')
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv('NANOALIGN_OFFLINE', '1')
+# ----------------------------------------------------------------------------- retrieval
 
 
-@pytest.fixture(scope='module')
-def tokenizer():
-    return data.build_tokenizer()
+def test_retrieval_recall_matches_hand_ranks_on_3x6_toy():
+    sims = torch.tensor([[0.90, 0.10, 0.80, 0.70, 0.60, 0.50],
+                         [0.85, 0.95, 0.30, 0.20, 0.65, 0.55],
+                         [0.05, 0.15, 0.25, 0.35, 0.45, 0.40]])
+    image_texts = [[0, 1], [2, 3], [4, 5]]
+    # image ranks of the best correct text: 0, 4 (0.85 0.95 0.65 0.55 above 0.30), 0
+    # text ranks of the correct image: t0 0, t1 2, t2 1, t3 2, t4 2, t5 2
+    m = retrieval_metrics(sims, image_texts)
+    expected = dict(tr1=200 / 3, tr5=100, tr10=100, ir1=100 / 6, ir5=100, ir10=100)
+    expected['rmean'] = sum(expected.values()) / 6
+    assert m == pytest.approx(expected)
 
+
+def test_retrieval_recall_at_5_and_10_split_at_rank_5():
+    sims = torch.zeros(2, 12)
+    sims[0] = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0] + [0.1] * 6)  # 5 wrong texts above text 0: rank 5
+    sims[1, 11] = 2.0
+    m = retrieval_metrics(sims, [[0], list(range(1, 12))])
+    assert (m['tr1'], m['tr5'], m['tr10']) == pytest.approx((50, 50, 100))
+    assert (m['ir1'], m['ir5'], m['ir10']) == pytest.approx((100 * 2 / 12, 100, 100))  # only t0 and t11 rank first
+
+
+def test_retrieval_counts_identical_caption_text_as_correct_in_both_directions():
+    texts = ['a red circle', 'a blue square', 'a red circle', 'a green cross']
+    image_texts = [[0, 1], [2, 3]]  # both images have a caption 'a red circle'
+    sims = torch.tensor([[0.1, 0.2, 0.9, 0.0],    # image 0 prefers text 2, image 1's copy of its own caption
+                         [0.8, 0.1, 0.3, 0.2]])   # image 1 prefers text 0, image 0's copy
+    by_index = retrieval_metrics(sims, image_texts)
+    by_text = retrieval_metrics(sims, image_texts, texts)
+    assert (by_index['tr1'], by_index['ir1']) == (0, 50)   # texts 0 and 2 rank the "wrong" image first
+    assert (by_text['tr1'], by_text['ir1']) == (100, 100)
+
+
+def test_retrieval_score_ties_count_against_the_model():
+    m = retrieval_metrics(torch.ones(2, 4), [[0, 1], [2, 3]])
+    assert (m['tr1'], m['tr5'], m['ir1']) == (0, 100, 0)
+
+
+def test_retrieval_matches_a_per_query_loop_on_random_scores_with_duplicate_texts():
+    g = torch.Generator().manual_seed(0)
+    n_img, per = 30, 5
+    texts = [f'caption {random.Random(t).randrange(40)}' for t in range(n_img * per)]  # many duplicates
+    image_texts = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
+    sims = torch.randn(n_img, n_img * per, generator=g)
+    correct = [[any(texts[t] == texts[c] for c in image_texts[i]) for t in range(len(texts))] for i in range(n_img)]
+
+    def loop_recall(rows, ok, k):  # rank by sorting each query's candidates, first correct one counts
+        hits = [next(r for r, c in enumerate(sorted(range(len(row)), key=lambda c: -row[c])) if ok[q][c]) < k
+                for q, row in enumerate(rows)]
+        return 100 * sum(hits) / len(hits)
+
+    m = retrieval_metrics(sims, image_texts, texts)
+    cols = list(zip(*correct))
+    for k in (1, 5, 10):
+        assert m[f'tr{k}'] == pytest.approx(loop_recall(sims.tolist(), correct, k))
+        assert m[f'ir{k}'] == pytest.approx(loop_recall(sims.T.tolist(), cols, k))
+
+
+def test_retrieval_runs_at_coco_test_size_and_random_scores_give_chance():
+    sims = torch.randn(1000, 5000, generator=torch.Generator().manual_seed(0))
+    m = retrieval_metrics(sims, [list(range(5 * i, 5 * i + 5)) for i in range(1000)])
+    assert m['tr10'] < 10 and m['ir10'] < 3  # chance: ~5% (50 of 5000 texts), 1%
+
+
+def test_retrieval_rejects_a_text_without_image():
+    with pytest.raises(ValueError, match='text 2'):
+        retrieval_metrics(torch.zeros(1, 3), [[0, 1]])
+
+# ----------------------------------------------------------------------------- captioning
+
+PRED = {1: 'A red circle above a blue square.',
+        2: "There's a small green triangle, on the left.",
+        3: 'Two dogs (brown) play in the snow!',
+        4: 'a man riding a wave on top of a surfboard',
+        5: 'The cat isn\'t on the "mat".'}
+REFS = {1: ['A red circle is above a blue square.', 'a blue square below a red circle', 'Red circle; blue square.'],
+        2: ['A small green triangle is on the left.', "There's a green triangle at the left side."],
+        3: ['Two brown dogs playing in the snow.', 'Dogs (two of them) run through snow...', "The dogs' game in the snow."],
+        4: ['A man on a surfboard riding a wave.', 'A surfer rides a big wave -- at 5:30, in 3.5 ft water!'],
+        5: ["The cat's not on the mat.", 'A cat sits next to a "welcome" mat, in the U.S.']}
+# what pycocoevalcap's Java PTBTokenizer makes of them (checked in test_java_ptb_tokenizer_gives_the_toy_tokens)
+PRED_TOK = {1: ['a red circle above a blue square'],
+            2: ["there 's a small green triangle on the left"],
+            3: ['two dogs -lrb- brown -rrb- play in the snow'],
+            4: ['a man riding a wave on top of a surfboard'],
+            5: ["the cat is n't on the mat"]}
+REFS_TOK = {1: ['a red circle is above a blue square', 'a blue square below a red circle', 'red circle blue square'],
+            2: ['a small green triangle is on the left', "there 's a green triangle at the left side"],
+            3: ['two brown dogs playing in the snow', 'dogs -lrb- two of them -rrb- run through snow',
+                'the dogs game in the snow'],
+            4: ['a man on a surfboard riding a wave', 'a surfer rides a big wave at 5:30 in 3.5 ft water'],
+            5: ["the cat 's not on the mat", 'a cat sits next to a welcome mat in the u.s.']}
+
+
+def reference_scores():
+    return {'bleu4': 100 * Bleu(4).compute_score(REFS_TOK, PRED_TOK, verbose=0)[0][3],
+            'rouge_l': 100 * Rouge().compute_score(REFS_TOK, PRED_TOK)[0],
+            'cider': 100 * Cider().compute_score(REFS_TOK, PRED_TOK)[0]}
+
+
+def test_python_ptb_approximation_gives_the_java_tokens_on_the_toy_set():
+    assert {k: [ptb_like(v)] for k, v in PRED.items()} == PRED_TOK
+    assert {k: [ptb_like(c) for c in v] for k, v in REFS.items()} == REFS_TOK
+
+
+@needs_java
+def test_java_ptb_tokenizer_gives_the_toy_tokens():
+    tokens = ptb_tokenize({**{('res', k): [v] for k, v in PRED.items()}, **{('gts', k): v for k, v in REFS.items()}})
+    assert {k: tokens[('res', k)] for k in PRED} == PRED_TOK
+    assert {k: tokens[('gts', k)] for k in REFS} == REFS_TOK
+
+
+@needs_java
+def test_caption_metrics_equal_pycocoevalcap_scorers_with_java():
+    m = caption_metrics(PRED, REFS)
+    expected = reference_scores() | {'meteor': 100 * Meteor().compute_score(REFS_TOK, PRED_TOK)[0]}
+    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-9)
+    assert 0 < m['bleu4'] < 100 and m['cider'] > 50  # the papers' scale, not fractions
+    assert ('spice' in m) == bool(spice_ready())
+
+
+def test_caption_metrics_without_java_equal_scorers_and_omit_meteor(monkeypatch, tmp_path):
+    monkeypatch.setenv('PATH', str(tmp_path))  # an empty folder: no java, and any attempt to spawn it would fail
+    with pytest.warns(UserWarning, match='java'):
+        m = caption_metrics(PRED, REFS)
+    assert set(m) == {'bleu4', 'rouge_l', 'cider'}
+    assert m == pytest.approx(reference_scores(), abs=1e-6)
+
+
+def test_caption_metrics_reject_ids_missing_from_references():
+    with pytest.raises(ValueError, match='only one of'):
+        caption_metrics({1: 'a cat', 2: 'a dog'}, {1: ['a cat']})
+
+# ----------------------------------------------------------------------------- AUROC
+
+
+@pytest.mark.parametrize('scores, labels, expected', [
+    ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 100.0),   # every positive above every negative
+    ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),     # reversed
+    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 50.0),    # all tied: each pair counts one half
+    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 75.0),   # 0.35 beats 0.1 not 0.4, 0.8 beats both: 3 of 4 pairs
+    ([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1], 87.5),    # 0.5 beats 0.2, ties 0.5 (1/2); 0.9 beats both: 3.5 of 4
+])
+def test_auroc_on_hand_cases(scores, labels, expected):
+    assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected)
+
+
+def test_auroc_equals_pairwise_count_on_random_scores_with_ties():
+    rng = np.random.default_rng(0)
+    s, y = rng.integers(0, 5, 200).astype(float), rng.integers(0, 2, 200)
+    pos, neg = s[y == 1][:, None], s[y == 0][None, :]
+    assert auroc(s, y) == pytest.approx(100 * ((pos > neg).mean() + 0.5 * (pos == neg).mean()))
+
+
+def test_auroc_is_nan_with_a_warning_when_one_class_is_missing():
+    with pytest.warns(UserWarning, match='undefined'):
+        assert math.isnan(auroc([0.1, 0.7], [1, 1]))
+
+
+def test_auroc_rejects_labels_other_than_0_and_1():
+    with pytest.raises(ValueError, match='0/1 label'):
+        auroc([0.1, 0.7], [-1, 1])
+
+# ----------------------------------------------------------------------------- token pictures
+
+ROWS = [('consistency', [('a', 0.1, False), ('red', 0.9, True), ('circle', 0.5, False)]),
+        ('saliency', [(f'token{i}', i / 40, i % 7 == 0) for i in range(40)])]  # long enough to wrap
+
+
+def test_render_tokens_writes_png_with_the_small_image_upscaled_by_nearest(tmp_path):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    path = render_tokens(image, ROWS, str(tmp_path / 'tokens.png'))
+    png = Image.open(path).convert('RGB')
+    assert png.size[0] == 3 * PAD + 192 + PANEL_W and png.size[1] >= 192 + 2 * PAD
+    assert png.getpixel((PAD, PAD)) == image.getpixel((0, 0))
+    assert png.getpixel((PAD + 5, PAD + 191)) == image.getpixel((1, 63))  # x3 nearest: pixel 1 covers 3..5
+
+
+def test_render_tokens_undoes_clip_normalisation_of_tensors(tmp_path):
+    rgb = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1).expand(3, 64, 64)
+    x = (rgb - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    png = Image.open(render_tokens(x, ROWS, str(tmp_path / 't.png'), title='a title')).convert('RGB')
+    assert png.getpixel((PAD + 100, png.size[1] // 2)) == (255, 0, 128)
+
+# ============================================================================= data.py
 
 def word_diff(a, b):
     a, b = a.split(), b.split()
@@ -652,8 +907,9 @@ def test_unreadable_images_are_skipped_counted_and_bounded_by_max_bad_images(tmp
         with pytest.raises(UserError, match=r'2 images could not be read.*--max_bad_images 1'):
             next(batches)
 
+# ============================================================================= backbones.py
 
-# ============================================================================= common: own ViT / BERT modules against Hugging Face
+# ----------------------------------------------------------------------------- own ViT / BERT modules against Hugging Face
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 TINY_VISION = dict(image_size=32, patch_size=8, **TINY)
@@ -789,22 +1045,6 @@ def test_attention_map_path_equals_fused_path_and_hides_masked_keys():
     assert torch.allclose(probs.sum(-1), torch.ones(2, 2, 3)) and probs[0, :, :, 3:].max() == 0
 
 
-def test_score_hook_edits_the_masked_scores_before_the_softmax():
-    torch.manual_seed(0)
-    attn = Attention(16, 2).eval()
-    x = torch.randn(1, 4, 16)
-
-    def only_first_key(scores, mask):  # (B, H, Lq, Lk)
-        assert mask.shape == (1, 1, 1, 4)
-        return scores.index_fill(-1, torch.arange(1, 4), torch.finfo(scores.dtype).min)
-
-    attn.score_hook = only_first_key
-    out, probs = attn(x, mask=padding_mask(torch.ones(1, 4)), return_attn=True)
-    assert torch.allclose(probs[..., 0], torch.ones(1, 2, 4))
-    v = attn.v(x)[:, :1]  # every query sees only key 0, so every output is proj(v_0)
-    assert torch.allclose(out, attn.proj(v).expand(1, 4, 16), atol=1e-6)
-
-
 def test_pos_embed_interpolation_is_identity_at_same_size_and_matches_hf_for_larger_images(tmp_path):
     pos = torch.randn(1, 1 + 16, 32)
     assert interpolate_pos_embed(pos, 1, 4) is pos
@@ -830,216 +1070,14 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients():
         grads.append([p.grad.clone() for p in vit.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
 
-
-# ============================================================================= common: metrics and pictures
-
-needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='java not on PATH')
-
-# ----------------------------------------------------------------------------- retrieval
-
-
-def test_retrieval_recall_matches_hand_ranks_on_3x6_toy():
-    sims = torch.tensor([[0.90, 0.10, 0.80, 0.70, 0.60, 0.50],
-                         [0.85, 0.95, 0.30, 0.20, 0.65, 0.55],
-                         [0.05, 0.15, 0.25, 0.35, 0.45, 0.40]])
-    image_texts = [[0, 1], [2, 3], [4, 5]]
-    # image ranks of the best correct text: 0, 4 (0.85 0.95 0.65 0.55 above 0.30), 0
-    # text ranks of the correct image: t0 0, t1 2, t2 1, t3 2, t4 2, t5 2
-    m = retrieval_metrics(sims, image_texts)
-    expected = dict(tr1=200 / 3, tr5=100, tr10=100, ir1=100 / 6, ir5=100, ir10=100)
-    expected['rmean'] = sum(expected.values()) / 6
-    assert m == pytest.approx(expected)
-
-
-def test_retrieval_recall_at_5_and_10_split_at_rank_5():
-    sims = torch.zeros(2, 12)
-    sims[0] = torch.tensor([0.5, 0.6, 0.7, 0.8, 0.9, 1.0] + [0.1] * 6)  # 5 wrong texts above text 0: rank 5
-    sims[1, 11] = 2.0
-    m = retrieval_metrics(sims, [[0], list(range(1, 12))])
-    assert (m['tr1'], m['tr5'], m['tr10']) == pytest.approx((50, 50, 100))
-    assert (m['ir1'], m['ir5'], m['ir10']) == pytest.approx((100 * 2 / 12, 100, 100))  # only t0 and t11 rank first
-
-
-def test_retrieval_counts_identical_caption_text_as_correct_in_both_directions():
-    texts = ['a red circle', 'a blue square', 'a red circle', 'a green cross']
-    image_texts = [[0, 1], [2, 3]]  # both images have a caption 'a red circle'
-    sims = torch.tensor([[0.1, 0.2, 0.9, 0.0],    # image 0 prefers text 2, image 1's copy of its own caption
-                         [0.8, 0.1, 0.3, 0.2]])   # image 1 prefers text 0, image 0's copy
-    by_index = retrieval_metrics(sims, image_texts)
-    by_text = retrieval_metrics(sims, image_texts, texts)
-    assert (by_index['tr1'], by_index['ir1']) == (0, 50)   # texts 0 and 2 rank the "wrong" image first
-    assert (by_text['tr1'], by_text['ir1']) == (100, 100)
-
-
-def test_retrieval_score_ties_count_against_the_model():
-    m = retrieval_metrics(torch.ones(2, 4), [[0, 1], [2, 3]])
-    assert (m['tr1'], m['tr5'], m['ir1']) == (0, 100, 0)
-
-
-def test_retrieval_matches_a_per_query_loop_on_random_scores_with_duplicate_texts():
-    g = torch.Generator().manual_seed(0)
-    n_img, per = 30, 5
-    texts = [f'caption {random.Random(t).randrange(40)}' for t in range(n_img * per)]  # many duplicates
-    image_texts = [list(range(i * per, (i + 1) * per)) for i in range(n_img)]
-    sims = torch.randn(n_img, n_img * per, generator=g)
-    correct = [[any(texts[t] == texts[c] for c in image_texts[i]) for t in range(len(texts))] for i in range(n_img)]
-
-    def loop_recall(rows, ok, k):  # rank by sorting each query's candidates, first correct one counts
-        hits = [next(r for r, c in enumerate(sorted(range(len(row)), key=lambda c: -row[c])) if ok[q][c]) < k
-                for q, row in enumerate(rows)]
-        return 100 * sum(hits) / len(hits)
-
-    m = retrieval_metrics(sims, image_texts, texts)
-    cols = list(zip(*correct))
-    for k in (1, 5, 10):
-        assert m[f'tr{k}'] == pytest.approx(loop_recall(sims.tolist(), correct, k))
-        assert m[f'ir{k}'] == pytest.approx(loop_recall(sims.T.tolist(), cols, k))
-
-
-def test_retrieval_runs_at_coco_test_size_and_random_scores_give_chance():
-    sims = torch.randn(1000, 5000, generator=torch.Generator().manual_seed(0))
-    m = retrieval_metrics(sims, [list(range(5 * i, 5 * i + 5)) for i in range(1000)])
-    assert m['tr10'] < 10 and m['ir10'] < 3  # chance: ~5% (50 of 5000 texts), 1%
-
-
-def test_retrieval_rejects_a_text_without_image():
-    with pytest.raises(ValueError, match='text 2'):
-        retrieval_metrics(torch.zeros(1, 3), [[0, 1]])
-
-# ----------------------------------------------------------------------------- captioning
-
-PRED = {1: 'A red circle above a blue square.',
-        2: "There's a small green triangle, on the left.",
-        3: 'Two dogs (brown) play in the snow!',
-        4: 'a man riding a wave on top of a surfboard',
-        5: 'The cat isn\'t on the "mat".'}
-REFS = {1: ['A red circle is above a blue square.', 'a blue square below a red circle', 'Red circle; blue square.'],
-        2: ['A small green triangle is on the left.', "There's a green triangle at the left side."],
-        3: ['Two brown dogs playing in the snow.', 'Dogs (two of them) run through snow...', "The dogs' game in the snow."],
-        4: ['A man on a surfboard riding a wave.', 'A surfer rides a big wave -- at 5:30, in 3.5 ft water!'],
-        5: ["The cat's not on the mat.", 'A cat sits next to a "welcome" mat, in the U.S.']}
-# what pycocoevalcap's Java PTBTokenizer makes of them (checked in test_java_ptb_tokenizer_gives_the_toy_tokens)
-PRED_TOK = {1: ['a red circle above a blue square'],
-            2: ["there 's a small green triangle on the left"],
-            3: ['two dogs -lrb- brown -rrb- play in the snow'],
-            4: ['a man riding a wave on top of a surfboard'],
-            5: ["the cat is n't on the mat"]}
-REFS_TOK = {1: ['a red circle is above a blue square', 'a blue square below a red circle', 'red circle blue square'],
-            2: ['a small green triangle is on the left', "there 's a green triangle at the left side"],
-            3: ['two brown dogs playing in the snow', 'dogs -lrb- two of them -rrb- run through snow',
-                'the dogs game in the snow'],
-            4: ['a man on a surfboard riding a wave', 'a surfer rides a big wave at 5:30 in 3.5 ft water'],
-            5: ["the cat 's not on the mat", 'a cat sits next to a welcome mat in the u.s.']}
-
-
-def reference_scores():
-    return {'bleu4': 100 * Bleu(4).compute_score(REFS_TOK, PRED_TOK, verbose=0)[0][3],
-            'rouge_l': 100 * Rouge().compute_score(REFS_TOK, PRED_TOK)[0],
-            'cider': 100 * Cider().compute_score(REFS_TOK, PRED_TOK)[0]}
-
-
-def test_python_ptb_approximation_gives_the_java_tokens_on_the_toy_set():
-    assert {k: [_ptb_like(v)] for k, v in PRED.items()} == PRED_TOK
-    assert {k: [_ptb_like(c) for c in v] for k, v in REFS.items()} == REFS_TOK
-
-
-@needs_java
-def test_java_ptb_tokenizer_gives_the_toy_tokens():
-    tokens = _tokenize({**{('res', k): [v] for k, v in PRED.items()}, **{('gts', k): v for k, v in REFS.items()}})
-    assert {k: tokens[('res', k)] for k in PRED} == PRED_TOK
-    assert {k: tokens[('gts', k)] for k in REFS} == REFS_TOK
-
-
-@needs_java
-def test_caption_metrics_equal_pycocoevalcap_scorers_with_java():
-    m = caption_metrics(PRED, REFS)
-    expected = reference_scores() | {'meteor': 100 * Meteor().compute_score(REFS_TOK, PRED_TOK)[0]}
-    assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-9)
-    assert 0 < m['bleu4'] < 100 and m['cider'] > 50  # the papers' scale, not fractions
-    assert ('spice' in m) == bool(_spice_ready())
-
-
-def test_caption_metrics_without_java_equal_scorers_and_omit_meteor(monkeypatch, tmp_path):
-    monkeypatch.setenv('PATH', str(tmp_path))  # an empty folder: no java, and any attempt to spawn it would fail
-    with pytest.warns(UserWarning, match='java'):
-        m = caption_metrics(PRED, REFS)
-    assert set(m) == {'bleu4', 'rouge_l', 'cider'}
-    assert m == pytest.approx(reference_scores(), abs=1e-6)
-
-
-def test_caption_metrics_reject_ids_missing_from_references():
-    with pytest.raises(ValueError, match='only one of'):
-        caption_metrics({1: 'a cat', 2: 'a dog'}, {1: ['a cat']})
-
-# ----------------------------------------------------------------------------- AUROC
-
-
-@pytest.mark.parametrize('scores, labels, expected', [
-    ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 100.0),   # every positive above every negative
-    ([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0], 0.0),     # reversed
-    ([0.5, 0.5, 0.5, 0.5], [0, 1, 0, 1], 50.0),    # all tied: each pair counts one half
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 75.0),   # 0.35 beats 0.1 not 0.4, 0.8 beats both: 3 of 4 pairs
-    ([0.2, 0.5, 0.5, 0.9], [0, 1, 0, 1], 87.5),    # 0.5 beats 0.2, ties 0.5 (1/2); 0.9 beats both: 3.5 of 4
-])
-def test_auroc_on_hand_cases(scores, labels, expected):
-    assert auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected)
-
-
-def test_auroc_equals_pairwise_count_on_random_scores_with_ties():
-    rng = np.random.default_rng(0)
-    s, y = rng.integers(0, 5, 200).astype(float), rng.integers(0, 2, 200)
-    pos, neg = s[y == 1][:, None], s[y == 0][None, :]
-    assert auroc(s, y) == pytest.approx(100 * ((pos > neg).mean() + 0.5 * (pos == neg).mean()))
-
-
-def test_auroc_is_nan_with_a_warning_when_one_class_is_missing():
-    with pytest.warns(UserWarning, match='undefined'):
-        assert math.isnan(auroc([0.1, 0.7], [1, 1]))
-
-
-def test_auroc_rejects_labels_other_than_0_and_1():
-    with pytest.raises(ValueError, match='0/1 label'):
-        auroc([0.1, 0.7], [-1, 1])
-
-# ----------------------------------------------------------------------------- token pictures
-
-ROWS = [('consistency', [('a', 0.1, False), ('red', 0.9, True), ('circle', 0.5, False)]),
-        ('saliency', [(f'token{i}', i / 40, i % 7 == 0) for i in range(40)])]  # long enough to wrap
-
-
-def test_render_tokens_writes_png_with_the_small_image_upscaled_by_nearest(tmp_path):
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    path = render_tokens(image, ROWS, str(tmp_path / 'tokens.png'))
-    png = Image.open(path).convert('RGB')
-    assert png.size[0] == 3 * PAD + 192 + PANEL_W and png.size[1] >= 192 + 2 * PAD
-    assert png.getpixel((PAD, PAD)) == image.getpixel((0, 0))
-    assert png.getpixel((PAD + 5, PAD + 191)) == image.getpixel((1, 63))  # x3 nearest: pixel 1 covers 3..5
-
-
-def test_render_tokens_undoes_clip_normalisation_of_tensors(tmp_path):
-    rgb = torch.tensor([1.0, 0.0, 0.5]).view(3, 1, 1).expand(3, 64, 64)
-    x = (rgb - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
-    png = Image.open(render_tokens(x, ROWS, str(tmp_path / 't.png'), title='a title')).convert('RGB')
-    assert png.getpixel((PAD + 100, png.size[1] // 2)) == (255, 0, 128)
-
-
-# ============================================================================= common: backbones
-
-@pytest.fixture(scope='module')
-def builtin_backbones(tmp_path_factory):
-    """The three shapes-tiny backbones, pretrained for a few steps only, in a temporary backbone folder."""
-    folder = tmp_path_factory.mktemp('backbones')
-    for name in backbones.BUILTIN_BACKBONES:
-        backbones.builtin_backbone(name, cache_dir=folder, steps=3)
-    return folder
-
+# ----------------------------------------------------------------------------- loading and the built-in backbones
 
 def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pretrained(builtin_backbones,
                                                                                          monkeypatch):
     monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
-    vision = common.load_backbone('shapes-tiny-vision', 'vision')
-    text = common.load_backbone('shapes-tiny-text', 'mlm')
-    lm = common.load_backbone('shapes-tiny-lm', 'lm')
+    vision = backbones.load_backbone('shapes-tiny-vision', 'vision')
+    text = backbones.load_backbone('shapes-tiny-text', 'mlm')
+    lm = backbones.load_backbone('shapes-tiny-lm', 'lm')
     assert (type(vision).__name__, type(text).__name__, type(lm).__name__) == \
         ('ViTModel', 'BertForMaskedLM', 'Qwen2ForCausalLM')
     quality = {name: json.loads((builtin_backbones / name / 'quality.json').read_text())
@@ -1048,7 +1086,7 @@ def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pr
     assert 0 <= quality['shapes-tiny-text']['val_mlm_acc'] <= 100 and quality['shapes-tiny-lm']['val_perplexity'] > 1
     words = 'describe the picture : a red circle ?'
     for name in ('shapes-tiny-text', 'shapes-tiny-lm'):  # the LM's qwen2 type must not make it a byte-level BPE
-        assert common.load_tokenizer(name)(words).input_ids == data.build_tokenizer()(words).input_ids, name
+        assert backbones.load_tokenizer(name)(words).input_ids == data.build_tokenizer()(words).input_ids, name
     assert not list(builtin_backbones.glob('*.tmp'))      # built in a temp folder, then renamed
 
 
@@ -1057,11 +1095,11 @@ def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_st
     monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
     images = torch.stack([world.transform(world.image('val', i)) for i in range(4)])
-    hf_vision = common.load_backbone('shapes-tiny-vision', 'vision').eval()
+    hf_vision = backbones.load_backbone('shapes-tiny-vision', 'vision').eval()
     with torch.no_grad():
         diff = (vit_from_hf(hf_vision).eval()(images) - hf_vision(images).last_hidden_state).abs().max()
     assert diff < 1e-4
-    hf_text = common.load_backbone('shapes-tiny-text', 'text').eval()
+    hf_text = backbones.load_backbone('shapes-tiny-text', 'text').eval()
     emb, layers, _, _ = bert_from_hf(hf_text)
     enc = tokenizer(world.captions('val', 0)[:3], padding=True, return_tensors='pt')
     with torch.no_grad():
@@ -1081,276 +1119,14 @@ def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_st
 def test_backbone_mistakes_get_one_clear_message(builtin_backbones, monkeypatch, name, kind, message):
     monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
     with pytest.raises(UserError, match=message):
-        common.load_backbone(name, kind)
+        backbones.load_backbone(name, kind)
 
 
 def test_a_backbone_folder_without_model_or_tokenizer_files_is_named(tmp_path):
     with pytest.raises(UserError, match=f"backbone folder '{tmp_path}' has no config.json"):
-        common.load_backbone(str(tmp_path), 'vision')
+        backbones.load_backbone(str(tmp_path), 'vision')
     with pytest.raises(UserError, match=f"backbone folder '{tmp_path}' has no tokenizer files"):
-        common.load_tokenizer(str(tmp_path))
-
-
-# ============================================================================= methods: shared helpers
-
-@pytest.fixture
-def tiny_backbones(builtin_backbones, monkeypatch, tmp_path_factory):
-    """Method runs load their shapes-tiny backbones from the few-step fixture folder, and score captions without
-    Java (METEOR's JVM takes seconds per call; the metrics themselves are tested with and without Java above)."""
-    monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
-    monkeypatch.setenv('PATH', str(tmp_path_factory.mktemp('no_java')))
-    return builtin_backbones
-
-
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / 'log.jsonl').read_text().splitlines()]
-
-
-def interrupted_then_resumed(main, argv, out, stop_at, monkeypatch):
-    """Run main(argv) until the checkpoint of step `stop_at` is written, die there, then run it again with
-    --resume true: the resumed run must end where an uninterrupted one does."""
-    class Died(Exception):
-        pass
-
-    save = common.save_checkpoint
-
-    def save_then_die(path, method, model, optimizer, step, cfg, **extra):
-        save(path, method, model, optimizer, step, cfg, **extra)
-        if step == stop_at:
-            raise Died
-
-    monkeypatch.setattr(common, 'save_checkpoint', save_then_die)
-    with pytest.raises(Died):
-        main(argv + ['--out_dir', str(out)])
-    monkeypatch.setattr(common, 'save_checkpoint', save)
-    main(argv + ['--out_dir', str(out), '--resume', 'true'])
-    return torch.load(Path(out) / 'ckpt.pt', weights_only=True)
-
-
-def assert_same_weights(a, b, atol=1e-6):
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f'{k}: {m}')
-
-# ============================================================================= align_two_phase.py
-
-import align_two_phase as a2p
-
-A2P_TINY = ['--max_steps', '6', '--phase2_steps', '4', '--batch_size', '8', '--train_images', '40',
-            '--eval_images', '12', '--d_align', '32', '--mrl_dims', '8,16,32', '--mrl_dim_weights', '1,1,1',
-            '--max_new_tokens', '5', '--log_every', '1', '--warmup_steps', '2']
-
-
-def test_clip_loss_on_a_hand_computed_case():
-    image, text = torch.eye(2), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
-    # logits = scale * image @ text.T = 2 * [[0.6, 0.0], [0.8, 1.0]]
-    rows = -math.log(math.exp(1.2) / (math.exp(1.2) + 1)) - math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))
-    cols = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6))) - math.log(math.exp(2.0) / (1 + math.exp(2.0)))
-    assert a2p.clip_loss(image, text, torch.tensor(2.0)).item() == pytest.approx((rows / 2 + cols / 2) / 2, abs=1e-6)
-
-
-def test_mrl_loss_with_one_dim_equals_the_clip_loss_of_the_normalised_embeddings():
-    image, text, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(10.0)
-    expected = a2p.clip_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale)
-    torch.testing.assert_close(a2p.mrl_loss(image, text, scale, (16,), (1.0,)), expected)
-    nested = a2p.mrl_loss(image, text, scale, (4, 16), (0.5, 2.0))
-    first4 = a2p.clip_loss(F.normalize(image[:, :4], dim=-1), F.normalize(text[:, :4], dim=-1), scale)
-    torch.testing.assert_close(nested, 0.5 * first4 + 2.0 * expected)
-
-
-def test_truncated_embeddings_are_renormalised_prefixes():
-    x = torch.randn(5, 32) * 3
-    t = a2p.truncate(x, 8)
-    torch.testing.assert_close(t.norm(dim=-1), torch.ones(5))
-    torch.testing.assert_close(t * x[:, :8].norm(dim=-1, keepdim=True), x[:, :8])
-
-
-def test_logit_scale_is_clamped_at_max_scale_and_fixed_without_learn_temp():
-    cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--d_align', '8', '--mrl_dims', '8', '--mrl_dim_weights', '1'])
-    aligner = a2p.Aligner(4, 4, cfg)
-    assert aligner.log_scale.exp().item() == pytest.approx(1 / 0.07)
-    with torch.no_grad():
-        aligner.log_scale.fill_(math.log(1000.0))
-    aligner.clamp_scale(100.0)
-    assert aligner.log_scale.exp().item() == pytest.approx(100.0)
-    fixed = a2p.Aligner(4, 4, replace(cfg, learn_temp=False))
-    assert 'log_scale' not in dict(fixed.named_parameters()) and 'log_scale' in fixed.state_dict()
-
-
-@pytest.fixture
-def two_phase(tiny_backbones):
-    cfg = common.parse_config(a2p.Config, a2p.PRESETS, A2P_TINY[6:])
-    model = a2p.TwoPhase(cfg, common.load_backbone('shapes-tiny-vision', 'vision'),
-                         common.load_backbone('shapes-tiny-text', 'text'),
-                         common.load_backbone('shapes-tiny-lm', 'lm'), data.build_tokenizer())
-    return cfg, model
-
-
-def shapes_batch(n, split='train', start=0):
-    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
-    items = [data.ShapesCaptions(world, split)[k] for k in range(start, start + n)]
-    return dict(data.collate(items, tokenizer, 32))
-
-
-def test_phase1_gradients_reach_only_the_adapters_and_phase2_only_the_projector(two_phase):
-    cfg, model = two_phase
-    batch = shapes_batch(4)
-    a2p.phase1_loss(model, model.aligner, batch, replace(cfg, cache_features=False))['loss'].backward()
-    with_grad = {n.split('.')[0] for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {'aligner'}
-    model.zero_grad(set_to_none=True)
-    model.aligner.requires_grad_(False)
-    a2p.phase2_loss(model, model.captioner, batch, replace(cfg, cache_features=False))['loss'].backward()
-    with_grad = {'.'.join(n.split('.')[:2]) for n, p in model.named_parameters() if p.grad is not None}
-    assert with_grad == {'captioner.projector'}
-
-
-def test_phase2_labels_are_on_caption_and_eos_only():
-    tokenizer = data.build_tokenizer()
-    ids, mask, labels = a2p.lm_batch(tokenizer, 'describe this image :', ['a red circle', 'a large blue square'],
-                                     eos_id=3, pad_id=0, n_prefix=4, max_len=32)
-    prompt = tokenizer('describe this image :', add_special_tokens=False).input_ids          # 4 tokens
-    assert ids.shape == (2, 4 + 4 + 1) and mask.shape == labels.shape == (2, 4 + 9)
-    assert (labels[:, :4 + 4] == -100).all()                                                  # prefix + prompt
-    assert labels[0, 8:].tolist() == tokenizer('a red circle', add_special_tokens=False).input_ids + [3, -100]
-    assert labels[1, 8:].tolist() == tokenizer('a large blue square', add_special_tokens=False).input_ids + [3]
-    assert ids[0].tolist() == prompt + labels[0, 8:11].tolist() + [3, 0]                      # right padding
-    assert mask[0].tolist() == [1] * 12 + [0] and mask[1].tolist() == [1] * 13
-
-
-def greedy_by_hand(captioner, z, prompt, steps):
-    """One image at a time, no padding, argmax of the LLM's last logits fed back: the reference for generate."""
-    ids = captioner.tokenizer(prompt, add_special_tokens=False, return_tensors='pt').input_ids
-    x = torch.cat([captioner.projector(z[None]), captioner.lm.get_input_embeddings()(ids)], 1)
-    new = []
-    for _ in range(steps):
-        token = captioner.lm(inputs_embeds=x).logits[0, -1].argmax().item()
-        if token == captioner.eos_id:
-            break
-        new.append(token)
-        x = torch.cat([x, captioner.lm.get_input_embeddings()(torch.tensor([[token]]))], 1)
-    return ' '.join(captioner.tokenizer.decode(new, skip_special_tokens=True).split())
-
-
-def test_generate_returns_only_new_text_and_batched_left_padding_equals_one_by_one(two_phase):
-    cfg, model = two_phase
-    model.eval()
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.captioner.projector.linear.weight.normal_(0, 2.0)  # a prefix that changes what the LLM says
-    z = F.normalize(torch.randn(3, cfg.d_align), dim=-1)
-    prompts = ['describe this image :', 'a picture of', 'question : what color is the circle ? answer :']
-    batched = model.captioner.generate(z, prompts)
-    with torch.no_grad():
-        alone = [greedy_by_hand(model.captioner, z[b], prompts[b], cfg.max_new_tokens) for b in range(3)]
-    assert batched == alone
-    assert len(set(batched)) > 1
-
-
-def test_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
-    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)])
-    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'align_two_phase.png'):
-        assert (tmp_path / name).is_file(), name
-    metrics = json.loads((tmp_path / 'metrics.json').read_text())
-    recall = ('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10', 'rmean')
-    assert {f'd{m}_{k}' for m in (8, 16, 32) for k in recall} | set(recall) <= set(metrics)
-    assert {'swap_acc', 'swap_acc_color', 'swap_acc_shape', 'swap_acc_size', 'swap_acc_position', 'bleu4', 'rouge_l',
-            'cider', 'blind_cider', 'train_samples_per_s', 'peak_mem_mb', 'train_seconds', 'cache_seconds',
-            'phase1_train_seconds', 'phase2_train_seconds'} <= set(metrics)
-    assert [r['step'] for r in read_log(tmp_path)] == list(range(1, 11))
-    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
-    assert state['method'] == 'align_two_phase' and state['phase'] == 2 and state['step'] == 10
-    assert not any(k.startswith(('vision', 'text', 'lm')) for k in state['model'])  # frozen towers are not saved
-    assert state['model']['aligner.image_center'].abs().sum() > 0   # adapters see centred features
-
-
-def test_phase1_loss_falls(tiny_backbones, tmp_path):
-    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--phase', '1', '--max_steps', '60', '--batch_size', '32',
-                         '--lr', '3e-3'])
-    losses = [r['loss'] for r in read_log(tmp_path)]
-    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
-
-
-def test_phase2_alone_starts_from_a_phase1_checkpoint_and_keeps_its_adapters(tiny_backbones, tmp_path):
-    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p1'), '--phase', '1'])
-    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p2'), '--phase', '2', '--init_from', str(tmp_path / 'p1' / 'ckpt.pt')])
-    p1, p2 = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('p1', 'p2'))
-    assert (p1['phase'], p2['phase'], p2['step']) == (1, 2, 4)
-    assert_same_weights({k: v for k, v in p1['model'].items() if k.startswith('aligner')},
-                        {k: v for k, v in p2['model'].items() if k.startswith('aligner')}, atol=0)
-    assert not torch.equal(p1['model']['projector.linear.weight'], p2['model']['projector.linear.weight'])
-    assert 'cider' in json.loads((tmp_path / 'p2' / 'metrics.json').read_text())
-
-
-def test_cached_features_train_the_same_adapters_as_on_the_fly_encoding(tiny_backbones, tmp_path):
-    argv = A2P_TINY + ['--phase', '1', '--adapter_dropout', '0.1']
-    a2p.main(argv + ['--out_dir', str(tmp_path / 'cached'), '--cache_features', 'true'])
-    a2p.main(argv + ['--out_dir', str(tmp_path / 'live'), '--cache_features', 'false'])
-    cached, live = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('cached', 'live'))
-    assert_same_weights(cached, live, atol=1e-5)
-
-
-def test_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
-    argv = A2P_TINY + ['--eval_every', '3']  # checkpoints at steps 3, 6 (end of phase 1), 9 and 10
-    a2p.main(argv + ['--out_dir', str(tmp_path / 'straight')])
-    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
-    for stop_at in (3, 9):  # in phase 1, and in phase 2
-        resumed = interrupted_then_resumed(a2p.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
-        assert_same_weights(straight['model'], resumed['model'])
-
-
-@pytest.mark.parametrize('argv, message', [
-    (['--phase', '2'], '--phase 2 starts from a phase-1 model: pass --init_from'),
-    (['--mrl_dims', '16,8'], '--mrl_dims 16,8 must rise strictly'),
-    (['--mrl_dim_weights', '1,1'], '--mrl_dim_weights has 2 values for 3 --mrl_dims'),
-    (['--projector', 'lstm'], "--projector 'lstm' is not one of mlp, transformer"),
-    (['--lm_backbone', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
-])
-def test_align_two_phase_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
-    with pytest.raises(UserError, match=message):
-        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)] + argv)
-
-
-def test_align_two_phase_refuses_a_checkpoint_of_another_method(tiny_backbones, tmp_path):
-    model = torch.nn.Linear(2, 2)
-    common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
-                           RunConfig())
-    with pytest.raises(UserError, match='written by cal, not align_two_phase'):
-        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
-
-
-A2P_DDP_SCRIPT = '''
-import sys, torch
-sys.path.insert(0, {repo!r})
-import common, align_two_phase as a2p
-cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--out_dir', {out!r}, '--device', 'cpu', '--d_align', '16',
-                          '--mrl_dims', '4,16', '--mrl_dim_weights', '1,1', '--adapter_dropout', '0'])
-run = common.setup(cfg)
-aligner = a2p.Aligner(12, 10, cfg)                 # the same init on every rank (same seed)
-g = torch.Generator().manual_seed(1)
-image, text = torch.randn(8, 12, generator=g), torch.randn(8, 10, generator=g)   # the global batch of cached features
-mine = slice(4 * run.rank, 4 * run.rank + 4) if run.distributed else slice(0, 8)
-ddp = common.wrap_ddp(aligner, run)                # kept alive until backward: its hooks average the gradients
-loss = a2p.phase1_loss(None, ddp, dict(image=image[mine], text=text[mine]), cfg)['loss']
-loss.backward()
-if run.is_main:
-    torch.save({{n: p.grad for n, p in aligner.named_parameters()}}, {out!r} + '/grads_%d.pt' % run.world_size)
-del ddp, loss                                      # DDP's reducer goes before the process group,
-common.teardown(run)                               # which goes before exit (else gloo threads can abort a rank)
-'''
-
-
-def test_two_ranks_of_batch_b_give_the_adapter_gradients_of_one_process_of_batch_2b(tmp_path):
-    script = tmp_path / 'ddp.py'
-    script.write_text(A2P_DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
-    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
-    for launcher in (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'], []):
-        proc = subprocess.run([sys.executable, *launcher, str(script)], capture_output=True, text=True, timeout=300,
-                              env=env)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    two, one = (torch.load(tmp_path / f'grads_{n}.pt') for n in (2, 1))
-    assert one['image_adapter.net.1.weight'].abs().sum() > 0
-    assert_same_weights(two, one)
+        backbones.load_tokenizer(str(tmp_path))
 
 # ============================================================================= albef_epic.py
 
@@ -1365,8 +1141,8 @@ def albef(tiny_backbones):
     def build(*argv):
         cfg = common.parse_config(ae.Config, ae.PRESETS, AE_TINY + list(argv))
         torch.manual_seed(0)
-        return cfg, ae.AlbefEpic(cfg, common.load_backbone('shapes-tiny-vision', 'vision'),
-                                 common.load_backbone('shapes-tiny-text', 'mlm'), data.build_tokenizer())
+        return cfg, ae.AlbefEpic(cfg, backbones.load_backbone('shapes-tiny-vision', 'vision'),
+                                 backbones.load_backbone('shapes-tiny-text', 'mlm'), data.build_tokenizer())
     return build
 
 
@@ -1602,6 +1378,236 @@ def test_coco_preset_builds_the_paper_scale_model_on_the_meta_device():
     assert (len(model.student.text_layers), len(model.student.fusion_layers)) == (6, 6)
     assert model.image_queue.shape == (65536, 256)
 
+# ============================================================================= align_two_phase.py
+
+import align_two_phase as a2p
+
+A2P_TINY = ['--stage1_steps', '6', '--max_steps', '4', '--batch_size', '8', '--train_images', '40',
+            '--eval_images', '12', '--d_align', '32', '--mrl_dims', '8,16,32', '--mrl_dim_weights', '1,1,1',
+            '--max_new_tokens', '5', '--log_every', '1', '--warmup_steps', '2']
+
+
+def test_clip_loss_on_a_hand_computed_case():
+    image, text = torch.eye(2), torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    # logits = scale * image @ text.T = 2 * [[0.6, 0.0], [0.8, 1.0]]
+    rows = -math.log(math.exp(1.2) / (math.exp(1.2) + 1)) - math.log(math.exp(2.0) / (math.exp(1.6) + math.exp(2.0)))
+    cols = -math.log(math.exp(1.2) / (math.exp(1.2) + math.exp(1.6))) - math.log(math.exp(2.0) / (1 + math.exp(2.0)))
+    assert a2p.clip_loss(image, text, torch.tensor(2.0)).item() == pytest.approx((rows / 2 + cols / 2) / 2, abs=1e-6)
+
+
+def test_mrl_loss_with_one_dim_equals_the_clip_loss_of_the_normalised_embeddings():
+    image, text, scale = torch.randn(6, 16), torch.randn(6, 16), torch.tensor(10.0)
+    expected = a2p.clip_loss(F.normalize(image, dim=-1), F.normalize(text, dim=-1), scale)
+    torch.testing.assert_close(a2p.mrl_loss(image, text, scale, (16,), (1.0,)), expected)
+    nested = a2p.mrl_loss(image, text, scale, (4, 16), (0.5, 2.0))
+    first4 = a2p.clip_loss(F.normalize(image[:, :4], dim=-1), F.normalize(text[:, :4], dim=-1), scale)
+    torch.testing.assert_close(nested, 0.5 * first4 + 2.0 * expected)
+
+
+def test_truncated_embeddings_are_renormalised_prefixes():
+    x = torch.randn(5, 32) * 3
+    t = a2p.truncate(x, 8)
+    torch.testing.assert_close(t.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(t * x[:, :8].norm(dim=-1, keepdim=True), x[:, :8])
+
+
+def test_logit_scale_is_clamped_at_max_scale_and_fixed_without_learn_temp():
+    cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--d_align', '8', '--mrl_dims', '8', '--mrl_dim_weights', '1'])
+    aligner = a2p.Aligner(4, 4, cfg)
+    assert aligner.log_scale.exp().item() == pytest.approx(1 / 0.07)
+    with torch.no_grad():
+        aligner.log_scale.fill_(math.log(1000.0))
+    aligner.clamp_scale(100.0)
+    assert aligner.log_scale.exp().item() == pytest.approx(100.0)
+    fixed = a2p.Aligner(4, 4, replace(cfg, learn_temp=False))
+    assert 'log_scale' not in dict(fixed.named_parameters()) and 'log_scale' in fixed.state_dict()
+
+
+@pytest.fixture
+def two_phase(tiny_backbones):
+    cfg = common.parse_config(a2p.Config, a2p.PRESETS, A2P_TINY[6:])
+    model = a2p.TwoPhase(cfg, backbones.load_backbone('shapes-tiny-vision', 'vision'),
+                         backbones.load_backbone('shapes-tiny-text', 'text'), data.build_tokenizer(),
+                         backbones.load_backbone('shapes-tiny-lm', 'lm'), data.build_tokenizer())
+    return cfg, model
+
+
+def shapes_batch(n, split='train', start=0):
+    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
+    items = [data.ShapesCaptions(world, split)[k] for k in range(start, start + n)]
+    return dict(data.collate(items, tokenizer, 32))
+
+
+def test_phase1_gradients_reach_only_the_adapters_and_phase2_only_the_projector(two_phase):
+    cfg, model = two_phase
+    batch = shapes_batch(4)
+    a2p.stage1_loss(model, model.aligner, batch, replace(cfg, cache_features=False))['loss'].backward()
+    with_grad = {n.split('.')[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {'aligner'}
+    model.zero_grad(set_to_none=True)
+    model.aligner.requires_grad_(False)
+    a2p.stage2_loss(model, model.captioner, batch, replace(cfg, cache_features=False))['loss'].backward()
+    with_grad = {'.'.join(n.split('.')[:2]) for n, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {'captioner.projector'}
+
+
+def test_phase2_labels_are_on_caption_and_eos_only():
+    tokenizer = data.build_tokenizer()
+    ids, mask, labels = a2p.lm_batch(tokenizer, 'describe this image :', ['a red circle', 'a large blue square'],
+                                     eos_id=3, pad_id=0, n_prefix=4, max_len=32)
+    prompt = tokenizer('describe this image :', add_special_tokens=False).input_ids          # 4 tokens
+    assert ids.shape == (2, 4 + 4 + 1) and mask.shape == labels.shape == (2, 4 + 9)
+    assert (labels[:, :4 + 4] == -100).all()                                                  # prefix + prompt
+    assert labels[0, 8:].tolist() == tokenizer('a red circle', add_special_tokens=False).input_ids + [3, -100]
+    assert labels[1, 8:].tolist() == tokenizer('a large blue square', add_special_tokens=False).input_ids + [3]
+    assert ids[0].tolist() == prompt + labels[0, 8:11].tolist() + [3, 0]                      # right padding
+    assert mask[0].tolist() == [1] * 12 + [0] and mask[1].tolist() == [1] * 13
+
+
+def greedy_by_hand(captioner, z, prompt, steps):
+    """One image at a time, no padding, argmax of the LLM's last logits fed back: the reference for generate."""
+    ids = captioner.tokenizer(prompt, add_special_tokens=False, return_tensors='pt').input_ids
+    x = torch.cat([captioner.projector(z[None]), captioner.lm.get_input_embeddings()(ids)], 1)
+    new = []
+    for _ in range(steps):
+        token = captioner.lm(inputs_embeds=x).logits[0, -1].argmax().item()
+        if token == captioner.eos_id:
+            break
+        new.append(token)
+        x = torch.cat([x, captioner.lm.get_input_embeddings()(torch.tensor([[token]]))], 1)
+    return ' '.join(captioner.tokenizer.decode(new, skip_special_tokens=True).split())
+
+
+def test_generate_returns_only_new_text_and_batched_left_padding_equals_one_by_one(two_phase):
+    cfg, model = two_phase
+    model.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.captioner.projector.linear.weight.normal_(0, 2.0)  # a prefix that changes what the LLM says
+    z = F.normalize(torch.randn(3, cfg.d_align), dim=-1)
+    prompts = ['describe this image :', 'a picture of', 'question : what color is the circle ? answer :']
+    batched = model.captioner.generate(z, prompts)
+    with torch.no_grad():
+        alone = [greedy_by_hand(model.captioner, z[b], prompts[b], cfg.max_new_tokens) for b in range(3)]
+    assert batched == alone
+    assert len(set(batched)) > 1
+
+
+def test_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)])
+    for name in ('config.json', 'log.jsonl', 'ckpt.pt', 'metrics.json', 'align_two_phase.png'):
+        assert (tmp_path / name).is_file(), name
+    metrics = json.loads((tmp_path / 'metrics.json').read_text())
+    recall = ('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10', 'rmean')
+    assert {f'd{m}_{k}' for m in (8, 16, 32) for k in recall} | set(recall) <= set(metrics)
+    assert {'swap_acc', 'swap_acc_color', 'swap_acc_shape', 'swap_acc_size', 'swap_acc_position', 'bleu4', 'rouge_l',
+            'cider', 'blind_cider', 'train_samples_per_s', 'peak_mem_mb', 'train_seconds', 'cache_seconds',
+            'stage1_train_seconds', 'stage2_train_seconds'} <= set(metrics)
+    assert [r['step'] for r in read_log(tmp_path)] == list(range(1, 11))
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert state['method'] == 'align_two_phase' and state['stage'] == 2 and state['step'] == 10
+    assert not any(k.startswith(('vision', 'text', 'lm')) for k in state['model'])  # frozen towers are not saved
+    assert state['model']['aligner.image_center'].abs().sum() > 0   # adapters see centred features
+
+
+def test_phase1_loss_falls(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--stage', '1', '--stage1_steps', '60', '--batch_size', '32',
+                         '--stage1_lr', '3e-3'])
+    losses = [r['loss'] for r in read_log(tmp_path)]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
+
+
+def test_phase2_alone_starts_from_a_phase1_checkpoint_and_keeps_its_adapters(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p1'), '--stage', '1'])
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p2'), '--stage', '2', '--init_from', str(tmp_path / 'p1' / 'ckpt.pt')])
+    p1, p2 = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('p1', 'p2'))
+    assert (p1['stage'], p2['stage'], p2['step']) == (1, 2, 4)
+    assert_same_weights({k: v for k, v in p1['model'].items() if k.startswith('aligner')},
+                        {k: v for k, v in p2['model'].items() if k.startswith('aligner')}, atol=0)
+    assert not torch.equal(p1['model']['projector.linear.weight'], p2['model']['projector.linear.weight'])
+    assert 'cider' in json.loads((tmp_path / 'p2' / 'metrics.json').read_text())
+
+
+def test_cached_features_train_the_same_adapters_as_on_the_fly_encoding(tiny_backbones, tmp_path):
+    argv = A2P_TINY + ['--stage', '1', '--adapter_dropout', '0.1']
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'cached'), '--cache_features', 'true'])
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'live'), '--cache_features', 'false'])
+    cached, live = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True)['model'] for run in ('cached', 'live'))
+    assert_same_weights(cached, live, atol=1e-5)
+
+
+def test_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+    argv = A2P_TINY + ['--eval_every', '3']  # checkpoints at steps 3, 6 (end of stage 1), 9 and 10
+    a2p.main(argv + ['--out_dir', str(tmp_path / 'straight')])
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    for stop_at in (3, 6, 9):  # in stage 1, at its end, and in stage 2
+        resumed = interrupted_then_resumed(a2p.main, argv, tmp_path / f'resumed{stop_at}', stop_at, monkeypatch)
+        assert_same_weights(straight['model'], resumed['model'])
+
+
+def test_resume_at_the_stage_boundary_gives_stage_2_the_random_state_of_a_straight_run(tiny_backbones, tmp_path,
+                                                                                       monkeypatch):
+    straight = rng_at_each_call(a2p, 'stage2_loss', monkeypatch,
+                                lambda: a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'straight')]))
+    resumed = rng_at_each_call(a2p, 'stage2_loss', monkeypatch, lambda: interrupted_then_resumed(
+        a2p.main, A2P_TINY, tmp_path / 'resumed', 6, monkeypatch))  # killed at the end of stage 1 (6 steps)
+    assert len(straight) == len(resumed) == 4
+    assert all(torch.equal(a, b) for a, b in zip(straight, resumed))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--stage', '2'], '--stage 2 starts from a stage-1 model: pass --init_from'),
+    (['--mrl_dims', '16,8'], '--mrl_dims 16,8 must rise strictly'),
+    (['--mrl_dim_weights', '1,1'], '--mrl_dim_weights has 2 values for 3 --mrl_dims'),
+    (['--projector', 'lstm'], "--projector 'lstm' is not one of mlp, transformer"),
+    (['--lm_backbone', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
+])
+def test_align_two_phase_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
+    with pytest.raises(UserError, match=message):
+        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path)] + argv)
+
+
+def test_align_two_phase_refuses_a_checkpoint_of_another_method(tiny_backbones, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
+                           RunConfig())
+    with pytest.raises(UserError, match='written by cal, not align_two_phase'):
+        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
+
+
+A2P_DDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {repo!r})
+import common, align_two_phase as a2p
+cfg = common.parse_config(a2p.Config, a2p.PRESETS, ['--out_dir', {out!r}, '--device', 'cpu', '--d_align', '16',
+                          '--mrl_dims', '4,16', '--mrl_dim_weights', '1,1', '--adapter_dropout', '0'])
+run = common.setup(cfg)
+aligner = a2p.Aligner(12, 10, cfg)                 # the same init on every rank (same seed)
+g = torch.Generator().manual_seed(1)
+image, text = torch.randn(8, 12, generator=g), torch.randn(8, 10, generator=g)   # the global batch of cached features
+mine = slice(4 * run.rank, 4 * run.rank + 4) if run.distributed else slice(0, 8)
+ddp = common.wrap_ddp(aligner, run)                # kept alive until backward: its hooks average the gradients
+loss = a2p.stage1_loss(None, ddp, dict(image=image[mine], text=text[mine]), cfg)['loss']
+loss.backward()
+if run.is_main:
+    torch.save({{n: p.grad for n, p in aligner.named_parameters()}}, {out!r} + '/grads_%d.pt' % run.world_size)
+del ddp, loss                                      # DDP's reducer goes before the process group,
+common.teardown(run)                               # which goes before exit (else gloo threads can abort a rank)
+'''
+
+
+def test_two_ranks_of_batch_b_give_the_adapter_gradients_of_one_process_of_batch_2b(tmp_path):
+    script = tmp_path / 'ddp.py'
+    script.write_text(A2P_DDP_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    for launcher in (['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2'], []):
+        proc = subprocess.run([sys.executable, *launcher, str(script)], capture_output=True, text=True, timeout=300,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = (torch.load(tmp_path / f'grads_{n}.pt') for n in (2, 1))
+    assert one['image_adapter.net.1.weight'].abs().sum() > 0
+    assert_same_weights(two, one)
+
 # ============================================================================= blip_gated_sparse.py
 
 import blip_gated_sparse as bgs
@@ -1613,9 +1619,9 @@ BGS_TINY = ['--max_steps', '4', '--batch_size', '4', '--eval_images', '6', '--va
 def blip(tiny_backbones, *argv):
     cfg = parse_config(bgs.Config, bgs.PRESETS, list(argv), stem='blip_gated_sparse')
     tokenizer = bgs.decoder_tokenizer(cfg.text_backbone)
-    vision = common.load_backbone(cfg.vision_backbone, 'vision') if cfg.image_input == 'pixels' else None
+    vision = backbones.load_backbone(cfg.vision_backbone, 'vision') if cfg.image_input == 'pixels' else None
     torch.manual_seed(0)
-    return bgs.Captioner(cfg, tokenizer, vision, common.load_backbone(cfg.text_backbone, 'mlm')).eval()
+    return bgs.Captioner(cfg, tokenizer, vision, backbones.load_backbone(cfg.text_backbone, 'mlm')).eval()
 
 
 def perturb_gates(model, seed=1):
@@ -1626,16 +1632,32 @@ def perturb_gates(model, seed=1):
         torch.nn.init.normal_(gate.w2.bias, std=0.5)
 
 
+def test_topk_edits_the_masked_scores_before_the_softmax():
+    torch.manual_seed(0)
+    attn = bgs.GatedSparseAttention(16, 2).eval()
+    x = torch.randn(1, 4, 16)
+
+    def only_first_key(scores, mask):  # (B, H, Lq, Lk)
+        assert mask.shape == (1, 1, 1, 4)
+        return scores.index_fill(-1, torch.arange(1, 4), torch.finfo(scores.dtype).min)
+
+    attn.topk = only_first_key
+    out, probs, _ = attn(x, mask=padding_mask(torch.ones(1, 4)), return_attn=True)
+    assert torch.allclose(probs[..., 0], torch.ones(1, 2, 4))
+    v = attn.v(x)[:, :1]  # every query sees only key 0, so every output is proj(v_0)
+    assert torch.allclose(out, attn.proj(v).expand(1, 4, 16), atol=1e-6)
+
+
 def test_topk_keeps_ceil_of_the_kept_fraction_of_visible_keys_and_never_a_future_or_padded_one():
     torch.manual_seed(0)
     B, H, L = 3, 2, 9
     lengths = torch.tensor([9, 6, 1])
     mask = (torch.arange(L)[None] < lengths[:, None]).long()
     attn_mask = padding_mask(mask) + causal_mask(L)                              # (B, 1, L, L)
-    attention = Attention(16, H)
+    attention = bgs.GatedSparseAttention(16, H)
     for sparsity in (0.5, 0.7, 0.9):
-        attention.score_hook = bgs.TopK(sparsity)
-        _, probs = attention(torch.randn(B, L, 16), mask=attn_mask, return_attn=True)
+        attention.topk = bgs.TopK(sparsity)
+        _, probs, _ = attention(torch.randn(B, L, 16), mask=attn_mask, return_attn=True)
         for b in range(B):
             for i in range(L):
                 visible = min(i + 1, int(lengths[b]))
@@ -1683,16 +1705,16 @@ def test_sparse_attention_changes_the_decoder_output_and_the_loss(tiny_backbones
     dense, sparse = blip(tiny_backbones, '--sparsity', '0'), blip(tiny_backbones, '--sparsity', '0.7')
     ids, mask, labels = dense.tokenize(['a small red circle', 'there is a blue square at the top left'])
     images = torch.randn(2, 3, 64, 64)
-    assert dense.decoder.layers[0].self_attn.score_hook is None
-    assert sparse.decoder.layers[0].self_attn.score_hook is sparse.decoder.layers[0].cross_attn.score_hook
+    assert dense.decoder.layers[0].self_attn.topk is None
+    assert sparse.decoder.layers[0].self_attn.topk is sparse.decoder.layers[0].cross_attn.topk
     with torch.no_grad():
         a = dense.decoder(ids, dense.encode_image(images), mask)
         b = sparse.decoder(ids, sparse.encode_image(images), mask)
         assert not torch.allclose(a, b, atol=1e-3)
         assert dense(images, ids, mask, labels) != sparse(images, ids, mask, labels)
     only_cross = blip(tiny_backbones, '--sparse_in', 'cross')
-    assert only_cross.decoder.layers[0].self_attn.score_hook is None
-    assert only_cross.decoder.layers[0].cross_attn.score_hook is only_cross.decoder.topk
+    assert only_cross.decoder.layers[0].self_attn.topk is None
+    assert only_cross.decoder.layers[0].cross_attn.topk is only_cross.decoder.topk
 
 
 @pytest.mark.parametrize('gate', ['kv', 'hidden'])
@@ -1857,10 +1879,35 @@ def test_blip_adds_a_decoder_bos_to_a_bert_tokenizer_and_grows_the_tied_embeddin
                                intermediate_size=32)).save_pretrained(tmp_path)
     tokenizer = bgs.decoder_tokenizer(str(tmp_path))
     assert tokenizer.bos_token == '[DEC]' and tokenizer.bos_token_id == 10
-    decoder = bgs.Decoder(bgs.Config(), common.load_backbone(str(tmp_path), 'mlm'), 8, len(tokenizer))
+    decoder = bgs.Decoder(bgs.Config(), backbones.load_backbone(str(tmp_path), 'mlm'), 8, len(tokenizer))
     assert decoder.embeddings.word.num_embeddings == 11
     assert decoder.lm_head.decoder.weight is decoder.embeddings.word.weight   # still tied
     assert decoder(torch.tensor([[10, 5, 8, 9]]), torch.randn(1, 3, 8)).shape == (1, 4, 11)
+
+
+def test_blip_label_smoothing_latent_scale_and_latent_layers_change_the_computation(tiny_backbones):
+    model = blip(tiny_backbones)
+    ids, mask, labels = model.tokenize(['a small red circle'])
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        smoothed = model(images, ids, mask, labels)
+        model.cfg = replace(model.cfg, label_smoothing=0.0)
+        assert not torch.isclose(smoothed, model(images, ids, mask, labels))
+    latent = blip(tiny_backbones, '--image_input', 'latents', '--latent_layers', '3')
+    assert len(latent.image_encoder.blocks) == 3
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        a = latent.encode_image(z)
+        latent.cfg = replace(latent.cfg, latent_scale=0.13025)
+        assert not torch.allclose(a, latent.encode_image(z))
+        torch.testing.assert_close(latent.encode_image(z), latent.image_encoder(z * 0.13025))
+
+
+def test_blip_checkpoint_of_another_shape_names_the_file_and_the_flags(tiny_backbones, tmp_path):
+    bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path)])
+    with pytest.raises(UserError, match=r'ckpt.pt does not fit this model; were --gate / --image_input'):
+        bgs.main(BGS_TINY + ['--gate', 'off', '--eval_only', 'true', '--out_dir', str(tmp_path)])
+
 
 # ============================================================================= cal.py
 
@@ -1873,8 +1920,8 @@ CAL_TINY = ['--stage1_steps', '3', '--max_steps', '3', '--batch_size', '4', '--e
 def cal_model(tiny_backbones, *argv):
     cfg = parse_config(cal.Config, cal.PRESETS, list(argv), stem='cal')
     torch.manual_seed(0)
-    return cal.VLM(cfg, common.load_backbone(cfg.vision_model, 'vision'), common.load_backbone(cfg.llm, 'lm'),
-                   common.load_tokenizer(cfg.llm)).eval()
+    return cal.VLM(cfg, backbones.load_backbone(cfg.vision_backbone, 'vision'), backbones.load_backbone(cfg.lm_backbone, 'lm'),
+                   backbones.load_tokenizer(cfg.lm_backbone)).eval()
 
 
 def cal_rows(model, n=4, answers=None, start=0):
@@ -2055,7 +2102,7 @@ def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, 
     tokenizer.save_pretrained(tmp_path / 'lm')
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      image_size=64, patch_size=16)).save_pretrained(tmp_path / 'clip')
-    cal.main(CAL_TINY + ['--llm', str(tmp_path / 'lm'), '--vision_model', str(tmp_path / 'clip'),
+    cal.main(CAL_TINY + ['--lm_backbone', str(tmp_path / 'lm'), '--vision_backbone', str(tmp_path / 'clip'),
                          '--out_dir', str(tmp_path / 'out')])
     state = torch.load(tmp_path / 'out' / 'ckpt.pt', weights_only=True)
     assert state['model']['projector.0.weight'].shape == (32, 32)                # CLIP width -> Qwen2 width
@@ -2067,36 +2114,12 @@ def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, 
     (['--cal_stages', '3'], "--cal_stages '3' must list stages 1 and/or 2"),
     (['--cal_window', '2'], 'an odd --cal_window (2)'),
     (['--caption_noise', '0.1', '--data', 'coco', '--data_root', '/tmp'], '--caption_noise corrupts ShapesWorld'),
-    (['--llm', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
+    (['--lm_backbone', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
     (['--image_text', ''], "--image_text '' gives no token; the image must not come first"),
 ])
 def test_cal_mistakes_get_one_clear_message(tiny_backbones, tmp_path, argv, message):
     with pytest.raises(UserError, match=re.escape(message)):
         cal.main(CAL_TINY + ['--out_dir', str(tmp_path)] + argv)
-
-
-def test_a_checkpoint_of_another_shape_names_the_file_and_the_flags(tiny_backbones, tmp_path):
-    bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path)])
-    with pytest.raises(UserError, match=r'ckpt.pt does not fit this model; were --gate / --image_input'):
-        bgs.main(BGS_TINY + ['--gate', 'off', '--eval_only', 'true', '--out_dir', str(tmp_path)])
-
-
-def test_blip_label_smoothing_latent_scale_and_latent_layers_change_the_computation(tiny_backbones):
-    model = blip(tiny_backbones)
-    ids, mask, labels = model.tokenize(['a small red circle'])
-    images = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        smoothed = model(images, ids, mask, labels)
-        model.cfg = replace(model.cfg, label_smoothing=0.0)
-        assert not torch.isclose(smoothed, model(images, ids, mask, labels))
-    latent = blip(tiny_backbones, '--image_input', 'latents', '--latent_layers', '3')
-    assert len(latent.image_encoder.blocks) == 3
-    z = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        a = latent.encode_image(z)
-        latent.cfg = replace(latent.cfg, latent_scale=0.13025)
-        assert not torch.allclose(a, latent.encode_image(z))
-        torch.testing.assert_close(latent.encode_image(z), latent.image_encoder(z * 0.13025))
 
 
 def test_cal_window_clamp_bounds_and_vision_layer_change_the_computation(tiny_backbones):
@@ -2121,3 +2144,32 @@ def test_cal_stages_and_the_caption_prompt_reach_the_training_rows(tiny_backbone
     cal.main(CAL_TINY + ['--cal_stages', '2', '--out_dir', str(tmp_path)])
     logged = read_log(tmp_path)
     assert all('delta' not in r for r in logged[:3]) and all('delta' in r for r in logged[3:])   # CAL in stage 2
+
+# ============================================================================= the four method files together
+
+from dataclasses import fields
+
+BACKBONE_FLAGS = {'vision_backbone', 'text_backbone', 'lm_backbone'}
+
+
+def names_a_backbone(field):
+    """A text field that names a pretrained model: by its name, or by a built-in backbone as its default."""
+    return isinstance(field.default, str) and (re.search(r'backbone|model|llm|tower|encoder', field.name)
+                                               or field.default.startswith('shapes-tiny'))
+
+
+def test_the_two_stage_files_share_stage_flags_and_backbone_flags_have_the_shared_names():
+    stage_flags = lambda config: {f.name for f in fields(config) if f.name.startswith('stage')}
+    assert stage_flags(cal.Config) == stage_flags(a2p.Config) == {'stage', 'stage1_steps', 'stage1_lr'}
+    for config in (ae.Config, a2p.Config, bgs.Config, cal.Config):
+        named = {f.name for f in fields(config) if names_a_backbone(f)}
+        assert named and named <= BACKBONE_FLAGS, (config.__module__, named)
+
+
+@pytest.mark.parametrize('module, old, new', [
+    (cal, 'llm', 'lm_backbone'), (cal, 'vision_model', 'vision_backbone'),
+    (a2p, 'phase', 'stage'), (a2p, 'phase2_steps', 'max_steps'), (a2p, 'phase2_lr', 'lr'),
+])
+def test_a_renamed_flag_gets_the_unknown_flag_message_that_names_the_new_one(module, old, new):
+    with pytest.raises(UserError, match=f'unknown flag --{old}; did you mean --{new}[?]'):
+        parse_config(module.Config, module.PRESETS, [f'--{old}', '1'])
