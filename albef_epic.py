@@ -605,6 +605,7 @@ def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embed
                          title=f'{METHOD} --epic {cfg.epic}: test image 0',
                          mark_label='masked / changed')
 
+
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
     """Retrieval with ITM re-ranking (and ita_rmean: the ITA similarities alone); on ShapesWorld
@@ -714,9 +715,10 @@ def main(argv=None):
     trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
     logger = common.Logger(cfg, run, start)
     # for MFU, on another copy of the data
-    one_step = lambda: model(common.to_device(pair_labels(next(batch_stream()), world), run.device),
-                             cfg.alpha, 1.0)['loss'].backward()
-    logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
+    fresh_batch = lambda: common.to_device(pair_labels(next(batch_stream()), world), run.device)
+    one_step = lambda: model(fresh_batch(), cfg.alpha, 1.0)['loss']  # on another copy of the data
+    with logger.paused():  # one step's FLOPs, for mfu (CUDA only)
+        logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
     model.train()
     for step in range(start, cfg.max_steps):
         lr = common.lr_at(step, cfg)

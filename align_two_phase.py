@@ -54,15 +54,15 @@ METHOD = 'align_two_phase'
 
 @dataclass
 class Config(common.RunConfig):
-    stage: str = 'both'              # 1 (adapters) | 2 (projector to the LLM) | both;
-                                     # 2 alone: from --init_from
-    stage1_steps: int = 1000         # stage 1's steps (max_steps, lr, warmup_steps are stage 2's)
-    stage1_lr: float = 1e-4          # stage 1's peak lr
-    lr: float = 1e-3                 # stage 2's peak lr
     vision_backbone: str = 'shapes-tiny-vision'  # frozen vision tower: HF id / path / built-in name
     text_backbone: str = 'shapes-tiny-text'      # frozen text encoder (BERT family), masked
                                                  # mean pooling
     lm_backbone: str = 'shapes-tiny-lm'          # frozen causal LLM of stage 2
+    stage: str = 'both'              # 1 (adapters) | 2 (projector to the LLM) | both;
+                                     # 2 alone: from --init_from
+    stage1_steps: int = 1000         # stage 1's steps (max_steps and lr are stage 2's)
+    stage1_lr: float = 1e-4          # stage 1's peak lr (each stage warms up over warmup_steps)
+    lr: float = 1e-3                 # stage 2's peak lr
     vision_pool: str = 'cls'         # cls | mean: the vision tower's pooled feature
                                      # (one choice everywhere)
     image_size: int = 64             # pixels
@@ -489,6 +489,7 @@ def draw_retrieval(model, cfg, dataset, world, image, image_emb, text_emb, capti
     title = f'top-5 captions at d={cfg.mrl_dims[0]} and d={cfg.d_align}'
     common.render_tokens(image, rows, str(path), title=title, mark_label='true of the image')
 
+
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
     """Retrieval both ways at every MRL dim (d{m}_*) and at the full dim (tr1 ... rmean); on
@@ -544,6 +545,16 @@ def evaluate(model, cfg, split, run, world, png=None):
 
 # ----------------------------------------------------------------------------- training loop
 
+def load_stage_checkpoint(path, saved):
+    """load_into for --eval_only / --resume: the checkpoint must say which stage wrote it."""
+    state = common.load_into(path, METHOD, saved, flags=SHAPE_FLAGS)
+    if 'stage' not in state:  # written before 'phase' was renamed 'stage'
+        raise UserError(f"{path} does not say which stage wrote it: it comes from an older "
+                        f"align_two_phase.py (which called it 'phase'); retrain, or load it, set "
+                        f"ckpt['stage'] = ckpt.pop('phase') and torch.save it again")
+    return state
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
     check_config(cfg)
@@ -564,7 +575,7 @@ def main(argv=None):
     model = TwoPhase(cfg, vision, text, tokenizer, lm, lm_tokenizer).to(run.device)
     saved = model.saved()
     if cfg.eval_only:
-        state = common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, saved, flags=SHAPE_FLAGS)
+        state = load_stage_checkpoint(cfg.init_from or out / 'ckpt.pt', saved)
         model.stage = state['stage']
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         if run.is_main:
@@ -573,7 +584,7 @@ def main(argv=None):
 
     state, start = None, 0
     if cfg.resume:
-        state = common.load_into(out / 'ckpt.pt', METHOD, saved, flags=SHAPE_FLAGS)
+        state = load_stage_checkpoint(out / 'ckpt.pt', saved)
         start = state['step']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, saved, flags=SHAPE_FLAGS)
@@ -617,8 +628,9 @@ def main(argv=None):
         batches = batch_stream(start_step=(max(first, start) - first) * cfg.grad_accum)
         # for MFU, on another copy of the data
         fresh_batch = lambda: common.to_device(next(batch_stream()), run.device)
-        one_step = lambda: loss_fn(model, module, fresh_batch(), cfg)['loss'].backward()
-        logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
+        one_step = lambda: loss_fn(model, module, fresh_batch(), cfg)['loss']
+        with logger.paused():  # one step's FLOPs, for mfu (CUDA only)
+            logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
         seconds, steps = logger.train_seconds, logger.steps_done
         for step in range(max(first, start), last):
             lr = common.lr_at(step - first, schedule)

@@ -35,6 +35,7 @@ from data import COLORS, SHAPES, SIZES, ShapesWorld, UserError, build_tokenizer
 # (nanoGPT / nanoVLM style); HF names are those of transformers >= 5 (from_pretrained already
 # renames old checkpoints, e.g. ViT's attention.attention.query -> attention.q_proj).
 
+
 def padding_mask(attention_mask, dtype=torch.float32):
     """(B, L) with 1 = token, 0 = pad -> additive mask (B, 1, 1, L): 0 visible, finfo.min hidden.
     finfo.min, not -1e10 (-inf in fp16) or -inf (a row with no visible key would give NaN)."""

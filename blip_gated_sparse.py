@@ -92,6 +92,7 @@ SHAPE_FLAGS = '--gate / --image_input / --latent_layers or the backbones'
 def sparse_places(cfg):
     return [p.strip() for p in cfg.sparse_in.split(',') if p.strip()]
 
+
 def check_config(cfg):
     choices = dict(image_input=('pixels', 'latents'), gate=('kv', 'hidden', 'off'))
     for name, allowed in choices.items():
@@ -275,7 +276,7 @@ def grow_vocab(embeddings, lm_head, vocab_size):
 class Decoder(nn.Module):
     """BLIP's text decoder: BERT layers (post-LN) with causal self-attention -> cross-attention to
     the image tokens -> FFN, the BERT LM head tied to the word embeddings. Gates (one per layer)
-    and top-k hooks are attached here. forward() serves teacher forcing and cached decoding
+    and the shared TopK are attached here. forward() serves teacher forcing and cached decoding
     alike."""
 
     def __init__(self, cfg, text_hf, image_dim, vocab_size):
@@ -463,11 +464,11 @@ def draw(model, cfg, raw, caption, device, path):
         gate = torch.stack(decoder.last_gates).mean(0)[0]                       # (L,)
         rows.append((f'gate / 2 (--gate {cfg.gate}, mean over layers)',
                      [(w, g / 2, False) for w, g in zip(words, gate.tolist())]))
-    hooks = [(a, a.topk) for layer in decoder.layers for a in (layer.self_attn, layer.cross_attn)]
-    for attention, _ in hooks:
+    topks = [(a, a.topk) for layer in decoder.layers for a in (layer.self_attn, layer.cross_attn)]
+    for attention, _ in topks:  # the same decoder without top-k: the dense attention
         attention.topk = None
     _, dense = decoder(ids, image, mask, return_attn=True)
-    for attention, topk in hooks:
+    for attention, topk in topks:
         attention.topk = topk
     last = len(words) - 1
     dense_row = dense[-1][0].mean(0)[last]                                     # (L,) heads averaged
@@ -484,6 +485,7 @@ def draw(model, cfg, raw, caption, device, path):
     rows.append((label, entries))
     title = f'{METHOD}: test image 0 (--image_input {cfg.image_input})'
     common.render_tokens(raw[:3], rows, str(path), title=title, mark_label='dropped by top-k')
+
 
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
@@ -588,8 +590,9 @@ def main(argv=None):
     batches = batch_stream(start_step=start * cfg.grad_accum)
     trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
     logger = common.Logger(cfg, run, start)
-    one_step = lambda: caption_loss(model, next(batch_stream()), run.device).backward()  # MFU
-    logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
+    one_step = lambda: caption_loss(model, next(batch_stream()), run.device)  # another data copy
+    with logger.paused():  # one step's FLOPs, for mfu (CUDA only)
+        logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
     model.train()
     for step in range(start, cfg.max_steps):
         lr = common.lr_at(step, cfg)

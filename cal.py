@@ -50,8 +50,9 @@ class Config(common.RunConfig):
     image_size: int = 64
     stage: str = 'both'             # 1 (projector on captions) | 2 (+ the LLM, captions and
                                     # questions) | both
-    stage1_steps: int = 300         # stage 1's steps (max_steps, lr and warmup_steps are stage 2's)
-    stage1_lr: float = 1e-3         # stage 1's peak lr (LLaVA's)
+    stage1_steps: int = 300         # stage 1's steps (max_steps and lr are stage 2's)
+    stage1_lr: float = 1e-3         # stage 1's peak lr, LLaVA's (each stage warms up over
+                                    # warmup_steps)
     max_len: int = 32               # answer tokens kept per row
     cal: bool = True                # re-weight each answer token by its image logit gain
                                     # (False: plain CE)
@@ -397,6 +398,7 @@ def draw(model, cfg, image, caption, device, path):
     title = f'{METHOD} (--cal {str(cfg.cal).lower()}): test image 0'
     common.render_tokens(image, token_rows, str(path), title=title, mark_label='visual word')
 
+
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
     """Greedy captions (bleu4 meteor rouge_l cider) and, on ShapesWorld, question answering
@@ -531,8 +533,9 @@ def main(argv=None):
         batches = batch_stream(start_step=(max(first, start) - first) * cfg.grad_accum)
         # for MFU, on another copy of the data
         fresh_batch = lambda: common.to_device(next(batch_stream()), run.device)
-        one_step = lambda: answer_loss(model, model, fresh_batch(), cfg, use_cal)['loss'].backward()
-        logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
+        one_step = lambda: answer_loss(model, model, fresh_batch(), cfg, use_cal)['loss']
+        with logger.paused():  # one step's FLOPs, for mfu (CUDA only)
+            logger.flops_per_sample = common.count_flops(one_step, model, cfg.batch_size, run)
         for step in range(max(first, start), last):
             lr = common.lr_at(step - first, schedule)
             common.set_lr(optimizer, lr)

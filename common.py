@@ -341,6 +341,7 @@ def check_finite(loss, step, cfg):
 # cal.py / align_two_phase.py: --stage 1 | 2 | both; stage 1 runs --stage1_steps at --stage1_lr,
 # stage 2 runs --max_steps at --lr; each stage warms up and decays on its own schedule.
 
+
 def stage_ranges(cfg):
     """-> [(stage, first, last)]: each stage's global steps [first, last), empty if not run."""
     stage1 = cfg.stage1_steps if cfg.stage != '2' else 0
@@ -450,9 +451,10 @@ class Logger:
             self.file.close()
 
 
-def count_flops(train_step, model, samples, run):
-    """Model FLOPs per sample of a training step (forward + backward) by FlopCounterMode, for MFU;
-    CUDA only (else None), once per stage before its loop. train_step()'s effects (weights, buffers
+def count_flops(loss_of_one_batch, model, samples, run):
+    """Model FLOPs per sample of one training step by FlopCounterMode, for MFU: CUDA only (else
+    None), once per stage before its loop. loss_of_one_batch() is the forward (under the run's
+    autocast, as in training); its backward is counted too. The step's effects (weights, buffers
     such as queues, gradients, RNG streams) are undone: training goes on as if uncounted."""
     if run.device.type != 'cuda':
         return None
@@ -460,7 +462,9 @@ def count_flops(train_step, model, samples, run):
     saved = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
     rng = _rng_state()
     with FlopCounterMode(display=False) as counter:
-        train_step()
+        with run.autocast():
+            loss = loss_of_one_batch()
+        loss.backward()
     module.load_state_dict(saved)
     module.zero_grad(set_to_none=True)
     set_rng_state(rng)

@@ -81,6 +81,7 @@ _SCENE, _PIXELS, _CAPTIONS, _NOISE, _QUESTIONS, _ANSWER_NOISE = range(6)  # per-
 # Semantics are existential: "a red circle above a square" is true when SOME red circle is above
 # SOME other object that is a square; a missing attribute matches anything.
 
+
 def position_phrase(row, col):
     """Cell -> words: (0, 0) 'top left', (0, 1) 'top', (1, 1) 'center', (2, 2) 'bottom right'."""
     words = [w for w in (('top', None, 'bottom')[row], ('left', None, 'right')[col]) if w]

@@ -15,9 +15,11 @@ import re
 import shutil
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -247,6 +249,29 @@ def test_peak_flops_are_looked_up_by_device_name(monkeypatch):
     assert common.peak_flops(torch.device('cpu')) is None
 
 
+def test_count_flops_counts_one_step_on_cuda_only_and_undoes_it():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
+    model.register_buffer('queue', torch.zeros(2))
+    x, before = torch.randn(5, 4), {k: v.clone() for k, v in model.state_dict().items()}
+    rng, python_rng = torch.get_rng_state(), random.getstate()
+
+    def step():  # a forward with every side effect a method's step may have; count_flops adds backward
+        with torch.no_grad():
+            model.queue += 1
+            model[0].weight += 1
+        random.random()
+        return model(x).sum()
+
+    cuda = SimpleNamespace(device=torch.device('cuda'), autocast=nullcontext)  # what it reads
+    # 5 samples: forward 2*4*3 multiply-adds each, backward the weight's gradient (x needs none)
+    assert common.count_flops(step, model, 5, cuda) == 2 * 4 * 3 + 2 * 4 * 3
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert model[0].weight.grad is None
+    assert torch.equal(rng, torch.get_rng_state()) and python_rng == random.getstate()
+    assert common.count_flops(step, model, 5, SimpleNamespace(device=torch.device('cpu'))) is None
+
+
 DDP_SCRIPT = '''
 import sys, torch, torch.nn.functional as F
 sys.path.insert(0, {repo!r})
@@ -292,7 +317,6 @@ def test_gathered_contrastive_loss_on_two_ranks_matches_one_process_on_the_whole
 needs_java = pytest.mark.skipif(shutil.which('java') is None, reason='java not on PATH')
 
 # ----------------------------------------------------------------------------- retrieval
-
 
 def test_retrieval_recall_matches_hand_ranks_on_3x6_toy():
     sims = torch.tensor([[0.90, 0.10, 0.80, 0.70, 0.60, 0.50],
@@ -428,7 +452,6 @@ def test_caption_metrics_reject_ids_missing_from_references():
         caption_metrics({1: 'a cat', 2: 'a dog'}, {1: ['a cat']})
 
 # ----------------------------------------------------------------------------- AUROC
-
 
 @pytest.mark.parametrize('scores, labels, expected', [
     ([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1], 100.0),   # every positive above every negative
@@ -930,6 +953,8 @@ def saved_and_reloaded(model, path, attn_implementation):
 @pytest.mark.parametrize('attn', ['eager', 'sdpa'])
 @pytest.mark.parametrize('hf_cls, cfg_cls', [(ViTModel, ViTConfig), (DeiTModel, DeiTConfig),
                                              (CLIPVisionModel, CLIPVisionConfig)])
+
+
 def test_loaded_vit_reproduces_hf_last_hidden_state(tmp_path, attn, hf_cls, cfg_cls):
     hf = saved_and_reloaded(hf_cls(cfg_cls(**TINY_VISION)), tmp_path, attn)
     vit = vit_from_hf(hf).eval()
@@ -1438,7 +1463,7 @@ def shapes_batch(n, split='train', start=0):
     return dict(data.collate(items, tokenizer, 32))
 
 
-def test_phase1_gradients_reach_only_the_adapters_and_phase2_only_the_projector(two_phase):
+def test_stage1_gradients_reach_only_the_adapters_and_stage2_only_the_projector(two_phase):
     cfg, model = two_phase
     batch = shapes_batch(4)
     a2p.stage1_loss(model, model.aligner, batch, replace(cfg, cache_features=False))['loss'].backward()
@@ -1451,7 +1476,7 @@ def test_phase1_gradients_reach_only_the_adapters_and_phase2_only_the_projector(
     assert with_grad == {'captioner.projector'}
 
 
-def test_phase2_labels_are_on_caption_and_eos_only():
+def test_stage2_labels_are_on_caption_and_eos_only():
     tokenizer = data.build_tokenizer()
     ids, mask, labels = a2p.lm_batch(tokenizer, 'describe this image :', ['a red circle', 'a large blue square'],
                                      eos_id=3, pad_id=0, n_prefix=4, max_len=32)
@@ -1510,14 +1535,14 @@ def test_end_to_end_run_writes_every_output_and_the_metric_keys(tiny_backbones, 
     assert state['model']['aligner.image_center'].abs().sum() > 0   # adapters see centred features
 
 
-def test_phase1_loss_falls(tiny_backbones, tmp_path):
+def test_stage1_loss_falls(tiny_backbones, tmp_path):
     a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--stage', '1', '--stage1_steps', '60', '--batch_size', '32',
                          '--stage1_lr', '3e-3'])
     losses = [r['loss'] for r in read_log(tmp_path)]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10]), losses
 
 
-def test_phase2_alone_starts_from_a_phase1_checkpoint_and_keeps_its_adapters(tiny_backbones, tmp_path):
+def test_stage2_alone_starts_from_a_stage1_checkpoint_and_keeps_its_adapters(tiny_backbones, tmp_path):
     a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p1'), '--stage', '1'])
     a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'p2'), '--stage', '2', '--init_from', str(tmp_path / 'p1' / 'ckpt.pt')])
     p1, p2 = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('p1', 'p2'))
@@ -1572,6 +1597,15 @@ def test_align_two_phase_refuses_a_checkpoint_of_another_method(tiny_backbones, 
     common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
                            RunConfig())
     with pytest.raises(UserError, match='written by cal, not align_two_phase'):
+        a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
+
+
+def test_align_two_phase_names_a_checkpoint_that_does_not_say_its_stage(tiny_backbones, tmp_path):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--stage', '1'])
+    state = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    state['phase'] = state.pop('stage')  # as the file was written before the rename
+    torch.save(state, tmp_path / 'ckpt.pt')
+    with pytest.raises(UserError, match="does not say which stage wrote it"):
         a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
 
 
@@ -2173,3 +2207,23 @@ def test_the_two_stage_files_share_stage_flags_and_backbone_flags_have_the_share
 def test_a_renamed_flag_gets_the_unknown_flag_message_that_names_the_new_one(module, old, new):
     with pytest.raises(UserError, match=f'unknown flag --{old}; did you mean --{new}[?]'):
         parse_config(module.Config, module.PRESETS, [f'--{old}', '1'])
+
+
+@pytest.mark.parametrize('name', ['albef_epic', 'align_two_phase', 'blip_gated_sparse', 'cal'])
+def test_every_method_counts_flops_on_a_step_that_leaves_training_unchanged(name, tiny_backbones, tmp_path,
+                                                                           monkeypatch):
+    module, argv = dict(albef_epic=(ae, AE_TINY), align_two_phase=(a2p, A2P_TINY),
+                        blip_gated_sparse=(bgs, BGS_TINY), cal=(cal, CAL_TINY))[name]
+    module.main(argv + ['--out_dir', str(tmp_path / 'plain')])
+    counted, count_flops = [], common.count_flops
+
+    def count_as_on_cuda(loss_of_one_batch, model, samples, run):  # the CUDA path, run on the CPU
+        on_cuda = SimpleNamespace(device=torch.device('cuda'), autocast=run.autocast)
+        counted.append(count_flops(loss_of_one_batch, model, samples, on_cuda))
+        return counted[-1]
+
+    monkeypatch.setattr(common, 'count_flops', count_as_on_cuda)
+    module.main(argv + ['--out_dir', str(tmp_path / 'counted')])
+    assert counted and all(flops > 0 for flops in counted)  # one count per stage
+    plain, with_count = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('plain', 'counted'))
+    assert_same_weights(plain['model'], with_count['model'], atol=0)
