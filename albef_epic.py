@@ -614,8 +614,7 @@ def evaluate(model, cfg, split, run, world, png=None):
     tokenizer = model.tokenizer
     model.eval()
     S, T, device = model.student, model.teacher, run.device
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
-                            world=world, max_images=cfg.eval_images)
+    dataset = build_dataset(cfg, split, world, max_images=cfg.eval_images)
     with run.autocast():
         image_embeds, image_embeds_m = [], []
         collate_fn = partial(collate, tokenizer=tokenizer, max_len=cfg.max_len)
@@ -679,8 +678,7 @@ def main(argv=None):
                         f"{cfg.batch_size} x {run.world_size} processes "
                         f"(the queue advances by whole batches)")
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                  max_images=1)  # fail early on a bad path or file
+    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.text_backbone)
     vision = backbones.load_backbone(cfg.vision_backbone, 'vision')
     text = backbones.load_backbone(cfg.text_backbone, 'mlm')
@@ -705,8 +703,7 @@ def main(argv=None):
         start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:  # weights only: fine-tune a pre-trained model
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
-                              world=world)
+    train_set = build_dataset(cfg, 'train', world)
     batch_stream = partial(train_batches, train_set, cfg.batch_size,
                            partial(collate, tokenizer=tokenizer, max_len=cfg.max_len), cfg.seed,
                            num_workers=cfg.num_workers, rank=run.rank, world_size=run.world_size,

@@ -497,8 +497,7 @@ def evaluate(model, cfg, split, run, world, png=None):
     blind-prefix CIDEr; optionally the PNG."""
     model.eval()
     tokenizer, device, captions = model.tokenizer, run.device, model.stage == 2
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
-                            world=world, max_images=cfg.eval_images)
+    dataset = build_dataset(cfg, split, world, max_images=cfg.eval_images)
     image_emb, predictions, blind, references, first_image = [], {}, {}, {}, None
     collate_fn = partial(collate, tokenizer=tokenizer, max_len=cfg.max_len)
     for batch in eval_loader(dataset, cfg.batch_size, collate_fn):
@@ -563,8 +562,7 @@ def main(argv=None):
     world = None
     if cfg.data == 'shapes':
         world = ShapesWorld(seed=0, image_size=cfg.image_size, train_images=cfg.train_images)
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                  max_images=1)  # fail early on a bad path or file
+    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.text_backbone)
     lm_tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
     # frozen towers in bf16 on CUDA, trained weights fp32
@@ -588,8 +586,7 @@ def main(argv=None):
         start = state['step']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, saved, flags=SHAPE_FLAGS)
-    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
-                              world=world)
+    train_set = build_dataset(cfg, 'train', world)
     collate_fn = partial(collate, tokenizer=tokenizer, max_len=cfg.max_len)
     if cfg.stage != '2' and start == 0:  # a fresh stage 1: centre the adapters' input (see Aligner)
         centers = feature_centers(model, train_set, collate_fn, cfg, run.device, run.is_main)
@@ -668,8 +665,7 @@ def main(argv=None):
         model.stage = 2 if cfg.stage != '1' else 1
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         if model.stage == 2:  # three sample captions, for the eye
-            samples = build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size,
-                                    world=world, max_images=3)
+            samples = build_dataset(cfg, 'test', world, max_images=3)
             images = torch.stack([samples[i]['image'] for i in range(len(samples))]).to(run.device)
             for i, caption in enumerate(model.eval().generate(images)):
                 reference = samples[i]['captions'][0]

@@ -497,8 +497,7 @@ def evaluate(model, cfg, split, run, world, png=None):
     # the blind control is a second beam search: the per-eval val curve skips it
     blind = split == 'test'
     n_images = cfg.eval_images if split == 'test' else cfg.val_images
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
-                            world=world, image_input=cfg.image_input, max_images=n_images)
+    dataset = build_dataset(cfg, split, world, image_input=cfg.image_input, max_images=n_images)
     collate_fn = partial(collate, tokenizer=model.tokenizer, max_len=cfg.max_len)
     predictions, blind_predictions, references, gates = {}, {}, {}, []
     topk = model.decoder.topk
@@ -556,8 +555,7 @@ def main(argv=None):
     out = Path(cfg.out_dir)
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
     # fail early on a bad path or the wrong row kind
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                  image_input=cfg.image_input, max_images=1)
+    build_dataset(cfg, 'test', world, image_input=cfg.image_input, max_images=1)  # fail early
     tokenizer = decoder_tokenizer(cfg.text_backbone)
     vision = (backbones.load_backbone(cfg.vision_backbone, 'vision')
               if cfg.image_input == 'pixels' else None)
@@ -581,8 +579,7 @@ def main(argv=None):
         start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
     elif cfg.init_from:
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-    train_set = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
-                              world=world, image_input=cfg.image_input)
+    train_set = build_dataset(cfg, 'train', world, image_input=cfg.image_input)
     batch_stream = partial(train_batches, train_set, cfg.batch_size,
                            partial(collate, tokenizer=tokenizer, max_len=cfg.max_len), cfg.seed,
                            num_workers=cfg.num_workers, rank=run.rank, world_size=run.world_size,

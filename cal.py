@@ -406,8 +406,7 @@ def evaluate(model, cfg, split, run, world, png=None):
     first reference caption's tokens separates ShapesWorld's visual words from the others."""
     model.eval()
     device = run.device
-    dataset = build_dataset(cfg.data, split, cfg.data_root, cfg.ann_file, cfg.image_size,
-                            world=world, max_images=cfg.eval_images)
+    dataset = build_dataset(cfg, split, world, max_images=cfg.eval_images)
     predictions, blind, references, deltas, visual = {}, {}, {}, [], []
     drop_unreadable = lambda items: [item for item in items if item is not None]
     for batch in eval_loader(dataset, cfg.batch_size, drop_unreadable):
@@ -447,8 +446,7 @@ def evaluate(model, cfg, split, run, world, png=None):
 
 def training_rows(cfg, stage, world):
     """Stage 1: captions; stage 2: captions and (on ShapesWorld) questions, one to one."""
-    captions = build_dataset(cfg.data, 'train', cfg.data_root, cfg.ann_file, cfg.image_size,
-                             world=world)
+    captions = build_dataset(cfg, 'train', world)
     if stage == 2 and world is not None:
         return Mixture(captions, QuestionRows(world, 'train'))
     return captions
@@ -481,8 +479,7 @@ def main(argv=None):
     world = None
     if cfg.data == 'shapes':
         world = ShapesWorld(seed=0, image_size=cfg.image_size, caption_noise=cfg.caption_noise)
-    build_dataset(cfg.data, 'test', cfg.data_root, cfg.ann_file, cfg.image_size, world=world,
-                  max_images=1)  # fail early on a bad path or file
+    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
     # Llama-style tokenizers have none: pads are masked, any id will do
     if tokenizer.pad_token_id is None:

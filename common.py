@@ -48,6 +48,7 @@ class RunConfig:
     data_root: str = ''         # folder holding the images (coco / flickr30k / json)
     ann_file: str = ''          # caption JSON / JSONL for --data json
     out_dir: str = ''           # default: out/<file stem>
+    image_size: int = 224       # pixels (latents: a ShapesWorld stand-in's grid is image_size / 8)
     max_steps: int = 1000       # optimizer steps
     batch_size: int = 32        # per process (global batch = batch_size * world_size * grad_accum)
     grad_accum: int = 1         # micro-batches per optimizer step
@@ -66,18 +67,23 @@ class RunConfig:
     compile: bool = False       # torch.compile the model
     num_workers: int = 0        # data loader workers
     max_bad_images: int = 0     # unreadable images to skip (counted) before stopping
+    split_ratio: tuple = (0.9, 0.05, 0.05)  # train / val / test of an --ann_file without {split}
+    predict: tuple = ()         # image files: print what the checkpoint makes of each, then stop
     seed: int = 0
     log_every: int = 10         # steps between log.jsonl lines
 
 
-def _parse_value(name, text, default):
-    """Turn the text of --name into the type of the field's default."""
+def parse_value(name, text, default):
+    """The text of --name (a list of texts for several values) as the type of the field's default."""
+    if isinstance(default, tuple):  # items typed like the default's first, str if it is empty
+        texts = text if isinstance(text, list) else text.split(',')
+        return tuple(parse_value(name, t, default[0]) if default else t for t in texts)
+    if isinstance(text, list):
+        raise UserError(f"--{name} takes one value, got {len(text)}: {' '.join(text)}")
     if isinstance(default, bool):
         if text.lower() not in ('true', 'false'):
             raise UserError(f"--{name} takes true or false, got '{text}'")
         return text.lower() == 'true'
-    if isinstance(default, tuple):  # items typed like the default's first, str if it is empty
-        return tuple(_parse_value(name, t, default[0]) if default else t for t in text.split(','))
     try:
         return type(default)(text)
     except ValueError:
@@ -85,36 +91,47 @@ def _parse_value(name, text, default):
 
 
 def parse_config(config_cls, presets, argv=None, stem=None):
-    """Flags are the field names (`--lr 1e-4` or `--lr=1e-4`). `--data X` first applies presets[X]
-    (overrides atop the method file), then explicit flags win; a class may list `renamed_flags`."""
+    """Flags are the field names (`--lr 1e-4` or `--lr=1e-4`); a tuple field takes a1,a2 or several
+    values (`--predict a.jpg b.jpg`). `--data X` first applies presets[X] (overrides atop the method
+    file), then explicit flags win; a class may list `renamed_flags`. With --predict the base is
+    the config saved in the checkpoint (--init_from, else out_dir/ckpt.pt), not the preset."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    stem = stem or Path(sys.argv[0]).stem
     names = sorted(f.name for f in fields(config_cls))
     renamed = getattr(config_cls, 'renamed_flags', {})  # old flag -> its new name, for the hint
-    flags, i = {}, 0
+    defaults, flags, i = config_cls(), {}, 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith('--'):
             raise UserError(f"unexpected argument '{arg}': flags look like --name value")
         name, _, text = arg[2:].partition('=')
-        if not _:
-            if i + 1 >= len(argv):
-                raise UserError(f"--{name} needs a value")
-            text, i = argv[i + 1], i + 1
         if name not in names:
             close = ([renamed[name]] if name in renamed
                      else difflib.get_close_matches(name, names, n=1))
             hint = f"did you mean --{close[0]}?" if close else f"valid flags: {', '.join(names)}"
             raise UserError(f"unknown flag --{name}; {hint}")
-        flags[name] = text
+        texts = [text] if _ else []
+        while not _ and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+            texts, i = texts + [argv[i + 1]], i + 1
+            if not isinstance(getattr(defaults, name), tuple):
+                break  # one value, unless the field is a tuple
+        if not texts:
+            raise UserError(f"--{name} needs a value")
+        flags[name] = texts[0] if len(texts) == 1 else texts
         i += 1
-    defaults = config_cls()
-    data = flags.get('data', defaults.data)
+    values = {k: parse_value(k, v, getattr(defaults, k)) for k, v in flags.items()}
+    if 'predict' in values:  # a checkpoint carries its config: start from it
+        out_dir = values.get('out_dir') or str(Path('out') / stem)
+        path = values.get('init_from') or str(Path(out_dir) / 'ckpt.pt')
+        saved = load_checkpoint(path, stem)['config']
+        base = dataclasses.replace(defaults, **{k: v for k, v in saved.items() if k in names})
+        return dataclasses.replace(base, **{'init_from': path, **values})
+    data = values.get('data', defaults.data)
     if data not in presets:
         raise UserError(f"unknown --data '{data}'; choose one of: {', '.join(presets)}")
-    values = {k: _parse_value(k, v, getattr(defaults, k)) for k, v in flags.items()}
     cfg = dataclasses.replace(defaults, **{**presets[data], **values})  # explicit flags win
     if not cfg.out_dir:
-        cfg.out_dir = str(Path('out') / (stem or Path(sys.argv[0]).stem))
+        cfg.out_dir = str(Path('out') / stem)
     return cfg
 
 
@@ -476,8 +493,9 @@ def count_params(module, trainable_only=False):
 
 
 def write_metrics(cfg, metrics):
-    """metrics.json: one flat object of numbers."""
-    metrics = {k: (round(float(v), 4) if v == v else None) for k, v in metrics.items()}
+    """metrics.json: one flat object of numbers (NaN as null), and a few words (ptb_tokenizer)."""
+    metrics = {k: v if isinstance(v, str) else round(float(v), 4) if v == v else None
+               for k, v in metrics.items()}
     (Path(cfg.out_dir) / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -581,8 +599,9 @@ def spice_ready():
 
 def caption_metrics(predictions, references):
     """COCO caption metrics x100: bleu4 meteor rouge_l cider (+ spice if its CoreNLP jars are
-    there). predictions: {id: caption}; references: {id: [caption, ...]}. Scorers run one by one
-    (COCOEvalCap.evaluate would download CoreNLP for SPICE). Without Java: no meteor key."""
+    there), and ptb_tokenizer: 'java' or 'python'. predictions: {id: caption}; references: {id:
+    [raw caption, ...]}, scored as COCO does (PTB-tokenised, never truncated). Scorers run one by
+    one (COCOEvalCap.evaluate would download CoreNLP for SPICE). Without Java: no meteor key."""
     if predictions.keys() != references.keys():
         missing = set(predictions) ^ set(references)
         raise ValueError(f'caption_metrics: ids {sorted(missing, key=str)[:5]} are in only one of '
@@ -604,6 +623,7 @@ def caption_metrics(predictions, references):
                       'for the papers\' exact numbers')
     if spice_ready():
         out['spice'] = 100 * Spice().compute_score(gts, res)[0]
+    out['ptb_tokenizer'] = 'java' if shutil.which('java') else 'python'
     return out
 
 

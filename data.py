@@ -13,6 +13,7 @@ ShapesWorld in one minute:
 Everything is a pure function of (seed, split, index): each item seeds its own numpy generator from
 (seed, global index, stream), so results never depend on call order, worker count or resume point.
 """
+import hashlib
 import itertools
 import json
 import os
@@ -61,6 +62,7 @@ PROMPTS = ('a picture of', 'describe this image :', 'question :', 'answer :')  #
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTIONS_PER_IMAGE = 5
+SPLITS = ('train', 'val', 'test')
 EVAL_IMAGES = 1000  # val and test size
 # Split ranges in the one global image stream: test [0, 1000), val [1000, 2000), train [2000, ...).
 SPLIT_START = dict(test=0, val=EVAL_IMAGES, train=2 * EVAL_IMAGES)
@@ -472,33 +474,59 @@ def _read_rows(path):
     return rows
 
 
+def hash_split(path, split_ratio):
+    """'train' | 'val' | 'test' for an image by a stable hash of its path against the cumulative
+    shares: every caption of an image lands in the same split, whatever the row order, every run."""
+    u = int(hashlib.md5(path.encode('utf-8')).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1)
+    train, val, _ = (share / sum(split_ratio) for share in split_ratio)
+    return 'train' if u < train else 'val' if u < train + val else 'test'
+
+
 class CaptionJSON(Dataset):
     """Image-caption JSON rows: the BLIP/ALBEF Karpathy files (train: one row per caption {image,
     caption, image_id}; val/test: one row per image {image, caption: [...]}) or any such list with
     'image' or 'latent' paths relative to `root`. Rows are grouped by image; image_id = order of
     first appearance. Train items are one per caption, eval items one per image (ALBEF's
-    texts/txt2img/img2txt)."""
+    texts/txt2img/img2txt). With split_ratio, the file holds every split: only the images whose path
+    hashes into `split` are kept (hash_split). Captions are cleaned (pre_caption) for the model;
+    eval items' `captions` are the raw ones, as COCO evaluation scores them."""
 
-    def __init__(self, ann_file, root, split, image_size, max_words=30, max_images=0):
+    def __init__(self, ann_file, root, split, image_size, max_words=30, max_images=0,
+                 split_ratio=None):
         rows = _read_rows(ann_file)
         self.root, self.train = Path(root), split == 'train'
         self.transform = ImageTransform(image_size, train=self.train)
         image_index, self.paths, self.captions = {}, [], []  # [(kind, path)], [[caption]]
+        self.references, self.split_images = [], {}  # [[raw caption]], {split: images}
         for r, row in enumerate(rows):
             kind = 'image' if 'image' in row else 'latent'
             key = (kind, row[kind])
+            if split_ratio and key not in image_index:
+                row_split = hash_split(row[kind], split_ratio)
+                self.split_images.setdefault(row_split, set()).add(key)
+                if row_split != split:
+                    continue
             if key not in image_index:
                 if max_images and len(self.paths) == max_images:
                     continue
                 image_index[key] = len(self.paths)
                 self.paths.append(key)
                 self.captions.append([])
+                self.references.append([])
             for caption in [row['caption']] if isinstance(row['caption'], str) else row['caption']:
                 cleaned = pre_caption(caption, max_words)
                 if not cleaned:
                     raise UserError(f"{ann_file}: row {r} has an empty caption ({caption!r}); "
                                     f"fix or remove that row")
                 self.captions[image_index[key]].append(cleaned)
+                self.references[image_index[key]].append(' '.join(caption.split()))
+        self.split_images = {s: len(keys) for s, keys in self.split_images.items()}
+        if not self.paths:
+            counts = ', '.join(f"{self.split_images.get(s, 0)} {s}" for s in SPLITS)
+            raise UserError(f"{ann_file} leaves no image for the {split} split (split by image "
+                            f"path at --split_ratio {','.join(map(str, split_ratio))}: {counts}); "
+                            f"add images, change --split_ratio, or give one file per split "
+                            f"with {{split}} in --ann_file")
         if not (first := self.root / self.paths[0][1]).exists():
             raise UserError(f"{first} does not exist: the paths in {ann_file} are relative to "
                             f"--data_root ({root}); point --data_root at the folder that holds "
@@ -529,7 +557,7 @@ class CaptionJSON(Dataset):
         if (loaded := self._load(i, caption)) is None:
             return None
         item = dict(image=loaded[0], caption=loaded[1], image_id=i)
-        return item if self.train else dict(item, captions=self.captions[k])
+        return item if self.train else dict(item, captions=self.references[k])
 
 
 def _fetch(url, path):
@@ -581,11 +609,13 @@ class ShapesCaptions(Dataset):
         return item if self.train else dict(item, captions=captions)
 
 
-def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=None,
-                  image_input='pixels', max_images=0):
-    """data: 'shapes' (needs `world`) | 'coco' | 'flickr30k' (Karpathy JSONs in data_root, fetched
+def build_dataset(cfg, split, world=None, image_input='pixels', max_images=0):
+    """The split's dataset for a config's data, data_root, ann_file, image_size and split_ratio.
+    cfg.data: 'shapes' (needs `world`) | 'coco' | 'flickr30k' (Karpathy JSONs in data_root, fetched
     if missing) | 'json' (`ann_file`, paths relative to data_root, else to the file's folder; a
-    '{split}' in ann_file becomes the split name, otherwise one file serves every split)."""
+    '{split}' in ann_file becomes the split name, otherwise the one file is split by image path
+    into train / val / test at split_ratio, so no evaluation sees a training image)."""
+    data, data_root, ann_file, split_ratio = cfg.data, cfg.data_root, cfg.ann_file, cfg.split_ratio
     if data == 'shapes':
         return ShapesCaptions(world, split, image_input=image_input, max_images=max_images)
     if data not in ('coco', 'flickr30k', 'json'):
@@ -598,6 +628,11 @@ def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=
         if not path.is_file():
             raise UserError(f"--ann_file {path} does not exist")
         root = Path(data_root) if data_root else path.parent
+        if '{split}' in ann_file:
+            split_ratio = None
+        elif len(split_ratio) != 3 or min(split_ratio) < 0 or sum(split_ratio) <= 0:
+            raise UserError(f"--split_ratio {','.join(map(str, split_ratio))} must be three "
+                            f"shares train,val,test (e.g. 0.9,0.05,0.05)")
     else:
         root = Path(data_root)
         if not data_root or not root.is_dir():
@@ -608,7 +643,12 @@ def build_dataset(data, split, data_root='', ann_file='', image_size=224, world=
         if not path.is_file() and (failed := _fetch(url, path)):
             raise UserError(f"annotation file {path} is missing and could not be downloaded "
                             f"({failed}); download {url} and put it at {path}")
-    dataset = CaptionJSON(path, root, split, image_size, max_images=max_images)
+    dataset = CaptionJSON(path, root, split, cfg.image_size, max_images=max_images,
+                          split_ratio=split_ratio if data == 'json' else None)
+    if dataset.split_images and split == 'train' and int(os.environ.get('RANK', 0)) == 0:
+        counts = ' / '.join(str(dataset.split_images.get(s, 0)) for s in SPLITS)
+        print(f"{path} split by image path at {','.join(map(str, split_ratio))}: {counts} images "
+              f"in train / val / test")
     if (image_input == 'latents') != (dataset.paths[0][0] == 'latent'):
         raise UserError(f"--image_input {image_input} needs rows with "
                         f"'{'latent' if image_input == 'latents' else 'image'}' paths, but {path} "

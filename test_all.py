@@ -436,14 +436,14 @@ def test_caption_metrics_equal_pycocoevalcap_scorers_with_java():
     expected = reference_scores() | {'meteor': 100 * Meteor().compute_score(REFS_TOK, PRED_TOK)[0]}
     assert {k: m[k] for k in expected} == pytest.approx(expected, abs=1e-9)
     assert 0 < m['bleu4'] < 100 and m['cider'] > 50  # the papers' scale, not fractions
-    assert ('spice' in m) == bool(spice_ready())
+    assert ('spice' in m) == bool(spice_ready()) and m['ptb_tokenizer'] == 'java'
 
 
 def test_caption_metrics_without_java_equal_scorers_and_omit_meteor(monkeypatch, tmp_path):
     monkeypatch.setenv('PATH', str(tmp_path))  # an empty folder: no java, and any attempt to spawn it would fail
     with pytest.warns(UserWarning, match='java'):
         m = caption_metrics(PRED, REFS)
-    assert set(m) == {'bleu4', 'rouge_l', 'cider'}
+    assert set(m) == {'bleu4', 'rouge_l', 'cider', 'ptb_tokenizer'} and m.pop('ptb_tokenizer') == 'python'
     assert m == pytest.approx(reference_scores(), abs=1e-6)
 
 
@@ -759,36 +759,37 @@ def make_karpathy_folder(root, prefix='coco_karpathy_'):
 
 def test_karpathy_folder_loads_train_rows_per_caption_and_eval_rows_per_image(tmp_path, tokenizer):
     make_karpathy_folder(tmp_path)
-    train = data.build_dataset('coco', 'train', data_root=str(tmp_path), image_size=32)
+    train = data.build_dataset(RunConfig(data='coco', data_root=str(tmp_path), image_size=32), 'train')
     assert len(train) == 6
     item = train[1]
     assert item['image'].shape == (3, 32, 32) and item['image_id'] == 0
     assert item['caption'] in ('a dog, on the left 1', 'a dog, on the right 1')  # cleaned, maybe flipped
-    test = data.build_dataset('coco', 'test', data_root=str(tmp_path), image_size=32)
+    test = data.build_dataset(RunConfig(data='coco', data_root=str(tmp_path), image_size=32), 'test')
     assert len(test) == 2 and test.texts == ['a cat 5', 'two cats 5', 'a cat 6', 'two cats 6']
     assert test.txt2img == [0, 0, 1, 1] and test.img2txt == [[0, 1], [2, 3]]
     batch = next(iter(data.eval_loader(test, 2, partial(data.collate, tokenizer=tokenizer, max_len=16))))
-    assert batch['image'].shape == (2, 3, 32, 32) and batch['captions'][1] == ['a cat 6', 'two cats 6']
+    assert batch['image'].shape == (2, 3, 32, 32) and batch['captions'][1] == ['a cat 6', 'two cats 6.']  # raw
     assert batch['image_id'].tolist() == [0, 1] and batch['n_bad'] == 0
     make_karpathy_folder(tmp_path, 'flickr30k_')
-    assert len(data.build_dataset('flickr30k', 'val', data_root=str(tmp_path), image_size=32)) == 2
+    assert len(data.build_dataset(RunConfig(data='flickr30k', data_root=str(tmp_path), image_size=32), 'val')) == 2
 
 
 def test_generic_json_and_jsonl_rows_with_images_or_latents(tmp_path):
     _save_image(tmp_path / 'a.png')
     (tmp_path / 'rows.json').write_text(json.dumps([dict(image='a.png', caption='one'),
                                                      dict(image='a.png', caption=['two', 'three'])]))
-    dataset = data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_size=16)
+    dataset = data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), image_size=16,
+                                           split_ratio=(1.0, 0.0, 0.0)), 'train')
     assert [dataset[k]['caption'] for k in range(3)] == ['one', 'two', 'three']
     torch.save(torch.ones(4, 2, 2), tmp_path / 'z.pt')
     np.save(tmp_path / 'z.npy', np.zeros((4, 2, 2), np.float32))
     lines = [json.dumps(dict(latent='z.pt', caption='a latent')), json.dumps(dict(latent='z.npy', caption='b'))]
     (tmp_path / 'lat_test.jsonl').write_text('\n'.join(lines))
-    latent_set = data.build_dataset('json', 'test', ann_file=str(tmp_path / 'lat_{split}.jsonl'),
-                                    image_input='latents')
+    latent_set = data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'lat_{split}.jsonl')), 'test', image_input='latents')
     assert torch.equal(latent_set[0]['image'], torch.ones(4, 2, 2)) and latent_set[1]['image'].shape == (4, 2, 2)
     with pytest.raises(UserError, match="'latent' paths"):
-        data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_input='latents')
+        data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), split_ratio=(1.0, 0.0, 0.0)),
+                           'train', image_input='latents')
 
 
 def test_pre_caption_cleans_like_blip():
@@ -848,12 +849,12 @@ def test_train_batches_shard_one_epoch_disjointly_across_ranks(tokenizer):
 
 def test_wrong_data_root_names_the_folder(tmp_path):
     with pytest.raises(UserError, match=r"--data_root .*nowhere.* is not a folder.*val2014"):
-        data.build_dataset('coco', 'train', data_root=str(tmp_path / 'nowhere'))
+        data.build_dataset(RunConfig(data='coco', data_root=str(tmp_path / 'nowhere')), 'train')
 
 
 def test_missing_annotation_file_says_which_file_to_put_where(tmp_path):
     with pytest.raises(UserError) as e:
-        data.build_dataset('flickr30k', 'test', data_root=str(tmp_path))
+        data.build_dataset(RunConfig(data='flickr30k', data_root=str(tmp_path)), 'test')
     message = str(e.value)
     assert str(tmp_path / 'flickr30k_test.json') in message and 'NANOALIGN_OFFLINE' in message
     assert 'https://storage.googleapis.com/sfr-vision-language-research/datasets/flickr30k_test.json' in message
@@ -867,20 +868,20 @@ def test_missing_annotation_file_is_fetched_when_the_network_allows(tmp_path, mo
     (root / 'val2014').symlink_to(source / 'val2014')
     monkeypatch.delenv('NANOALIGN_OFFLINE')
     monkeypatch.setattr(data, 'KARPATHY_URL', source.as_uri() + '/{}.json')  # file:// stands in for https://
-    assert len(data.build_dataset('coco', 'val', data_root=str(root), image_size=16)) == 2
+    assert len(data.build_dataset(RunConfig(data='coco', data_root=str(root), image_size=16), 'val')) == 2
     assert (root / 'coco_karpathy_val.json').read_text() == (source / 'coco_karpathy_val.json').read_text()
 
 
 def test_missing_ann_file_and_wrong_image_root_are_user_errors(tmp_path):
     with pytest.raises(UserError, match='does not exist'):
-        data.build_dataset('json', 'train', ann_file=str(tmp_path / 'none.json'))
+        data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'none.json')), 'train')
     with pytest.raises(UserError, match='needs --ann_file'):
-        data.build_dataset('json', 'train')
+        data.build_dataset(RunConfig(data='json'), 'train')
     make_karpathy_folder(tmp_path)
     (tmp_path / 'elsewhere').mkdir()
     (tmp_path / 'elsewhere' / 'coco_karpathy_val.json').write_text((tmp_path / 'coco_karpathy_val.json').read_text())
     with pytest.raises(UserError, match=r"val2014/3.jpg does not exist.*--data_root"):
-        data.build_dataset('coco', 'val', data_root=str(tmp_path / 'elsewhere'))
+        data.build_dataset(RunConfig(data='coco', data_root=str(tmp_path / 'elsewhere')), 'val')
 
 
 @pytest.mark.parametrize('content, expected', [
@@ -894,7 +895,7 @@ def test_json_of_the_wrong_shape_or_syntax_names_the_file(tmp_path, content, exp
     path = tmp_path / 'bad.json'
     path.write_text(content)
     with pytest.raises(UserError, match=expected) as e:
-        data.build_dataset('json', 'train', ann_file=str(path))
+        data.build_dataset(RunConfig(data='json', ann_file=str(path)), 'train')
     assert str(path) in str(e.value)
 
 
@@ -902,7 +903,7 @@ def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / 'bad.jsonl'
     path.write_text('{"image": "a.jpg", "caption": "a"}\n{"image": oops}\n')
     with pytest.raises(UserError, match=r'not valid JSON.*oops'):
-        data.build_dataset('json', 'train', ann_file=str(path))
+        data.build_dataset(RunConfig(data='json', ann_file=str(path)), 'train')
 
 
 def test_empty_caption_names_the_file_and_row(tmp_path):
@@ -910,7 +911,39 @@ def test_empty_caption_names_the_file_and_row(tmp_path):
     path = tmp_path / 'rows.json'
     path.write_text(json.dumps([dict(image='a.jpg', caption='fine'), dict(image='a.jpg', caption=' ... ')]))
     with pytest.raises(UserError, match=r'rows.json: row 1 has an empty caption'):
-        data.build_dataset('json', 'train', ann_file=str(path))
+        data.build_dataset(RunConfig(data='json', ann_file=str(path)), 'train')
+
+
+def test_a_single_ann_file_is_split_by_image_path_disjointly_and_stably(tmp_path, capsys):
+    rows = [dict(image=f'img/{k}.png', caption=[f'image {k}', f'picture {k}']) for k in range(300)]
+    _save_image(tmp_path / 'img' / '0.png')  # the loader checks the first path of its split
+    for k in range(1, 300):
+        os.link(tmp_path / 'img' / '0.png', tmp_path / 'img' / f'{k}.png')
+    (tmp_path / 'rows.json').write_text(json.dumps(rows))
+    (tmp_path / 'shuffled.json').write_text(json.dumps(rows[::-1]))
+
+    def images(ann_file, split):
+        cfg = RunConfig(data='json', ann_file=str(tmp_path / ann_file), image_size=16)
+        return {path for _, path in data.build_dataset(cfg, split).paths}
+
+    splits = {split: images('rows.json', split) for split in data.SPLITS}
+    assert set.union(*splits.values()) == {row['image'] for row in rows}
+    assert sum(map(len, splits.values())) == 300                       # disjoint: no image in two splits
+    assert len(splits['train']) > 240 and splits['val'] and splits['test']   # about 90 / 5 / 5
+    assert all(images('shuffled.json', split) == splits[split] for split in data.SPLITS)  # any row order
+    assert f"{len(splits['train'])} / {len(splits['val'])} / {len(splits['test'])} images" in capsys.readouterr().out
+    with pytest.raises(UserError, match='leaves no image for the val split'):
+        data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), split_ratio=(1.0, 0.0, 0.0)), 'val')
+
+
+def test_eval_references_are_the_raw_captions_and_only_the_model_input_is_cleaned(tmp_path):
+    long = 'A Red circle, ' + ' '.join(f'word{k}' for k in range(40)) + '.'
+    _save_image(tmp_path / 'a.png')
+    (tmp_path / 'rows.json').write_text(json.dumps([dict(image='a.png', caption=[long, 'Two  spaces!'])]))
+    test = data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), image_size=16,
+                                        split_ratio=(0.0, 0.0, 1.0)), 'test')
+    assert test[0]['captions'] == [long, 'Two spaces!']                 # what caption_metrics scores
+    assert test.texts == [data.pre_caption(long), 'two spaces'] and len(test.texts[0].split()) == 30
 
 
 def test_unreadable_images_are_skipped_counted_and_bounded_by_max_bad_images(tmp_path, tokenizer):
@@ -918,7 +951,8 @@ def test_unreadable_images_are_skipped_counted_and_bounded_by_max_bad_images(tmp
         _save_image(tmp_path / f'{k}.jpg')
     (tmp_path / '2.jpg').write_bytes(b'not a jpeg')
     (tmp_path / 'rows.json').write_text(json.dumps([dict(image=f'{k}.jpg', caption=f'image {k}') for k in range(4)]))
-    dataset = data.build_dataset('json', 'train', ann_file=str(tmp_path / 'rows.json'), image_size=16)
+    dataset = data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), image_size=16,
+                                           split_ratio=(1.0, 0.0, 0.0)), 'train')
     collate = partial(data.collate, tokenizer=tokenizer, max_len=8)
     with pytest.warns(UserWarning, match='2.jpg'):
         assert dataset[2] is None
@@ -1850,15 +1884,17 @@ def test_blip_runs_on_latent_files_named_by_a_caption_json_with_any_grid(tiny_ba
     for i in range(6):
         np.save(tmp_path / f'{i}.npy', np.random.RandomState(i).randn(4, 6, 10).astype(np.float32))
         rows.append(dict(latent=f'{i}.npy', caption=['a red circle', 'a blue square'][i % 2]))
-    (tmp_path / 'caps.json').write_text(json.dumps(rows))
-    bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'caps.json'), '--image_input', 'latents',
+    for split in data.SPLITS:  # one file per split, the same rows in each
+        (tmp_path / f'caps_{split}.json').write_text(json.dumps(rows))
+    bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'caps_{split}.json'), '--image_input', 'latents',
                          '--text_backbone', 'shapes-tiny-text', '--max_len', '16', '--out_dir', str(tmp_path / 'out')])
     metrics = json.loads((tmp_path / 'out' / 'metrics.json').read_text())
     assert 'cider' in metrics and (tmp_path / 'out' / 'blip_gated_sparse.png').is_file()
-    (tmp_path / 'bad.json').write_text(json.dumps([dict(latent='bad.npy', caption='a red circle')] * 4))
+    for split in data.SPLITS:
+        (tmp_path / f'bad_{split}.json').write_text(json.dumps([dict(latent='bad.npy', caption='a red circle')] * 4))
     np.save(tmp_path / 'bad.npy', np.zeros((3, 6, 10), np.float32))
     with pytest.raises(UserError, match=r'latent input must be \(batch, 4, h, w\).*got a tensor of shape \(4, 3, 6'):
-        bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'bad.json'), '--image_input', 'latents',
+        bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'bad_{split}.json'), '--image_input', 'latents',
                              '--text_backbone', 'shapes-tiny-text', '--out_dir', str(tmp_path / 'bad')])
 
 
