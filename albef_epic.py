@@ -39,7 +39,7 @@ import backbones
 import common
 from backbones import padding_mask
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader,
-                  train_batches, true_pairs, visual_token_mask)
+                  read_image, train_batches, true_pairs, visual_token_mask)
 
 METHOD = 'albef_epic'
 
@@ -85,6 +85,8 @@ class Config(common.RunConfig):
     eval_images: int = 0            # val / test images evaluated (0 = all: 1,000 on ShapesWorld)
     grad_clip: float = 0.0          # ALBEF does not clip gradients
                                     # (a clip at 1 would scale its ~20-norm steps down)
+    captions: tuple = ()            # --predict: the captions to rank for each image,
+                                    # or one .txt file of them, one per line
 
 
 REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='bert-base-uncased',
@@ -652,6 +654,49 @@ def evaluate(model, cfg, split, run, world, png=None):
     return metrics
 
 
+def read_captions(captions):
+    """--captions: the texts given, or the non-empty lines of one .txt file."""
+    if len(captions) == 1 and captions[0].endswith('.txt'):
+        path = Path(captions[0])
+        if not path.is_file():
+            raise UserError(f"--captions {path}: no such file (one caption per line)")
+        captions = path.read_text(encoding='utf-8').splitlines()
+        if not any(c.strip() for c in captions):
+            raise UserError(f"--captions {path} holds no captions (one per line)")
+    captions = [c.strip() for c in captions if c.strip()]
+    if not captions:
+        raise UserError("--predict ranks captions for each image: pass --captions 'a red circle' "
+                        "'a blue square' (or one .txt file of them, one per line)")
+    return captions
+
+
+@torch.no_grad()
+def predict(model, cfg, run):
+    """--predict: for each image file, every --captions text with the student's ITA similarity
+    (as evaluate() computes it) and its ITM match probability (the softmax of the ITM head on the
+    fused pair, whose match logit rerank() scores by), sorted by ITM."""
+    captions = read_captions(cfg.captions)
+    images = [read_image(path, cfg.image_size) for path in cfg.predict]  # all readable, first
+    for path, image in zip(cfg.predict, images):
+        if image.shape[0] != 3:
+            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
+    model.eval()
+    S, device, step = model.student, run.device, 4 * cfg.batch_size
+    with run.autocast():
+        enc, text_embeds, text_feat = encode_texts(S, model.tokenizer, captions, cfg, device)
+        for path, image in zip(cfg.predict, images):
+            image_embeds = S.encode_image(image[None].to(device))              # (1, 1+N, Dv)
+            ita = (S.image_feature(image_embeds) @ text_feat.T)[0].tolist()     # C similarities
+            itm = []
+            for s in range(0, len(captions), step):
+                text, mask = text_embeds[s:s + step], enc.attention_mask[s:s + step]
+                fused = S.fuse(text, mask, image_embeds.expand(len(text), -1, -1))  # (c, L, Dt)
+                itm += S.itm_head(fused[:, 0]).float().softmax(-1)[:, 1].tolist()  # P(match)
+            print(path)
+            for c in sorted(range(len(captions)), key=lambda c: (-itm[c], -ita[c])):
+                print(f"  itm {itm[c]:.2f}  ita {ita[c]:.2f}  {captions[c]}")
+
+
 # ----------------------------------------------------------------------------- training loop
 
 def build_optimizer(model, cfg):
@@ -678,16 +723,22 @@ def main(argv=None):
                         f"{cfg.batch_size} x {run.world_size} processes "
                         f"(the queue advances by whole batches)")
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
-    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
+    if not cfg.predict:  # --predict reads no data set
+        build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.text_backbone)
     vision = backbones.load_backbone(cfg.vision_backbone, 'vision')
     text = backbones.load_backbone(cfg.text_backbone, 'mlm')
     model = AlbefEpic(cfg, vision, text, tokenizer).to(run.device)
     if run.is_main:
-        albef_params = common.count_params(model.student, True)
-        epic_params = common.count_params(model, True) - albef_params
+        albef_params = backbones.count_params(model.student, True)
+        epic_params = backbones.count_params(model, True) - albef_params
         print(f"{METHOD}: {albef_params / 1e6:.1f}M trainable ALBEF parameters, "
               f"{epic_params / 1e6:.1f}M in EPIC's generator and consistency head")
+    if cfg.predict:
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
+        if run.is_main:
+            predict(model, cfg, run)
+        return
     if cfg.eval_only:
         common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import backbones
 import common
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, caption_is_true, collate,
-                  eval_loader, parse_caption, train_batches)
+                  eval_loader, parse_caption, read_image, train_batches)
 
 METHOD = 'align_two_phase'
 
@@ -95,6 +95,8 @@ class Config(common.RunConfig):
     train_llm: bool = False          # fine-tune the LLM too (ClipCap's MLP + fine-tuned GPT-2 row)
     prompt: str = 'Describe this image:'  # the same at training and generation
     max_new_tokens: int = 24         # greedy decoding length cap
+    captions: tuple = ()             # --predict: the captions to rank for each image,
+                                     # or one .txt file of them, one per line
     renamed_flags: ClassVar[dict] = dict(phase='stage', phase2_steps='max_steps', phase2_lr='lr')
 
 
@@ -554,6 +556,48 @@ def load_stage_checkpoint(path, saved):
     return state
 
 
+def read_captions(captions):
+    """--captions: the texts given, or the non-empty lines of one .txt file."""
+    if len(captions) == 1 and captions[0].endswith('.txt'):
+        path = Path(captions[0])
+        if not path.is_file():
+            raise UserError(f"--captions {path}: no such file (one caption per line)")
+        captions = path.read_text(encoding='utf-8').splitlines()
+        if not any(c.strip() for c in captions):
+            raise UserError(f"--captions {path} holds no captions (one per line)")
+    return [c.strip() for c in captions if c.strip()]
+
+
+@torch.no_grad()
+def predict(model, cfg, run):
+    """--predict: for each image file, its greedy caption once stage 2 has trained, and the
+    --captions ranked by the cosine of the aligned embeddings at the full dim (evaluate()'s
+    retrieval score). A stage-1 checkpoint has no captioner: it needs --captions."""
+    model.stage = load_stage_checkpoint(cfg.init_from, model.saved())['stage']
+    captions = read_captions(cfg.captions)
+    if not captions and model.stage == 1:
+        raise UserError(f"{cfg.init_from} finished stage 1 only (no captioner): it ranks captions "
+                        f"for each image; pass --captions 'a red circle' 'a blue square' (or one "
+                        f".txt file of them, one per line)")
+    images = [read_image(path, cfg.image_size) for path in cfg.predict]  # all readable, first
+    for path, image in zip(cfg.predict, images):
+        if image.shape[0] != 3:
+            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
+    model.eval()
+    if captions:
+        text_emb = truncate(embed_texts(model, captions, cfg, run.device), cfg.d_align)  # (C, d)
+    for path, image in zip(cfg.predict, images):
+        image = image[None].to(run.device)                                     # (1, 3, H, W)
+        print(path)
+        if model.stage == 2:
+            print(f"  caption: {model.generate(image)[0]}")
+        if captions:
+            image_emb = model.aligner.embed_image(model.encode_images(image))  # (1, d_align)
+            cosine = (truncate(image_emb, cfg.d_align) @ text_emb.T)[0].tolist()  # C cosines
+            for c in sorted(range(len(captions)), key=lambda c: -cosine[c]):
+                print(f"  cos {cosine[c]:.2f}  {captions[c]}")
+
+
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
     check_config(cfg)
@@ -562,7 +606,8 @@ def main(argv=None):
     world = None
     if cfg.data == 'shapes':
         world = ShapesWorld(seed=0, image_size=cfg.image_size, train_images=cfg.train_images)
-    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
+    if not cfg.predict:  # --predict reads no data set
+        build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.text_backbone)
     lm_tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
     # frozen towers in bf16 on CUDA, trained weights fp32
@@ -572,6 +617,10 @@ def main(argv=None):
     lm = backbones.load_backbone(cfg.lm_backbone, 'lm', dtype=frozen_dtype)
     model = TwoPhase(cfg, vision, text, tokenizer, lm, lm_tokenizer).to(run.device)
     saved = model.saved()
+    if cfg.predict:
+        if run.is_main:
+            predict(model, cfg, run)
+        return
     if cfg.eval_only:
         state = load_stage_checkpoint(cfg.init_from or out / 'ckpt.pt', saved)
         model.stage = state['stage']

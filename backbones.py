@@ -21,12 +21,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import tokenizers
 import transformers
+from tokenizers import models, normalizers, pre_tokenizers, processors
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from common import RunConfig, lr_at, set_lr
-from data import COLORS, SHAPES, SIZES, ShapesWorld, UserError, build_tokenizer
+from data import (ATTRIBUTE_WORDS, COLORS, NUMBERS, PLURALS, SHAPES, SIZES, ShapesWorld,
+                  UserError)
 
 # ----------------------------------------------------------------------------- modules + HF weights
 # Own ViT and BERT-style modules in plain PyTorch, so a method can open them up (cross-attention,
@@ -45,6 +48,10 @@ def padding_mask(attention_mask, dtype=torch.float32):
 def causal_mask(L, device=None, dtype=torch.float32):
     """(L, L) additive mask: query i sees keys j <= i. Combine with a padding mask by adding."""
     return torch.full((L, L), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
+
+
+def count_params(module, trainable_only=False):
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 
 
 def checkpointed(fn, *args, on=False, **kwargs):
@@ -347,6 +354,34 @@ def bert_from_hf(hf_model, cross_layers=(), cross_dim=None, layer_class=None):
 
 
 # ----------------------------------------------------------------------------- built-in backbones
+
+# The built-ins' tokenizer: ShapesWorld's closed vocabulary, word by word.
+SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[DEC]')  # BERT's + decoder BOS
+VOCAB = SPECIAL_TOKENS + COLORS + SHAPES + PLURALS + SIZES + ATTRIBUTE_WORDS['position'] + (
+    'a', 'there', 'is', 'are', 'at', 'the', 'to', 'of', 'and',                # caption grammar
+    'what', 'color', 'shape', 'size', 'where', 'how', 'many',                 # questions
+    'object', 'objects', 'yes', 'no',
+    'question', 'answer', 'picture', 'describe', 'this', 'image',              # prompts
+    '?', ':', '.', ',') + NUMBERS + tuple('0123456789')
+PROMPTS = ('a picture of', 'describe this image :', 'question :', 'answer :')  # all in VOCAB
+
+
+def build_tokenizer():
+    """ShapesWorld's word-level tokenizer behind the Hugging Face API (like BERT's): lowercases,
+    splits on spaces and punctuation, adds [CLS] ... [SEP]; [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
+    [DEC]=5 (decoder BOS, bos_token). save_pretrained / AutoTokenizer.from_pretrained round-trip."""
+    word_ids = {w: i for i, w in enumerate(VOCAB)}
+    core = tokenizers.Tokenizer(models.WordLevel(word_ids, unk_token='[UNK]'))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.TemplateProcessing(
+        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
+        special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token='[PAD]', unk_token='[UNK]', cls_token='[CLS]',
+        sep_token='[SEP]', mask_token='[MASK]', bos_token='[DEC]', eos_token='[SEP]',
+        model_max_length=128)
+
 
 BACKBONE_DIR = Path(os.environ.get('NANOALIGN_BACKBONES', 'out/backbones'))
 

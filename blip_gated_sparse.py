@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 import backbones
 import common
-from data import ShapesWorld, UserError, build_dataset, collate, eval_loader, train_batches
+from data import (ShapesWorld, UserError, build_dataset, collate, eval_loader, read_image,
+                  train_batches)
 
 METHOD = 'blip_gated_sparse'
 
@@ -169,16 +170,24 @@ class GatedSparseAttention(backbones.Attention):
          keeps only its top-k visible scores (self.topk, a TopK; None = dense, and the fused SDPA
          kernel runs).
     `past` holds the keys and values of the tokens decoded so far (gated already): a cached
-    decoding step attends to them and to its own, and gets teacher forcing's result."""
+    decoding step attends to them and to its own, and gets teacher forcing's result.
+    `context_kv` holds the context's keys and values projected already: the image is the same at
+    every decoding step, so its keys and values are projected once and reused."""
     topk = None
 
-    def forward(self, x, context=None, mask=None, return_attn=False, gate=None, past=None):
+    def forward(self, x, context=None, mask=None, return_attn=False, gate=None, past=None,
+                context_kv=None):
         """x (B, Lq, D), context (B, Lk, kv_dim) or None, mask additive (B, 1, Lq, Lk),
-        gate (B, Lq) or None -> out (B, Lq, D), probs (B, H, Lq, Lk) or None,
-        (k, v) each (B, H, past + Lq, Dh) for the cache."""
+        gate (B, Lq) or None, context_kv (k, v) each (B, H, Lk, Dh) or None (project context)
+        -> out (B, Lq, D), probs (B, H, Lq, Lk) or None, (k, v) each (B, H, past + Lq, Dh) for
+        the cache (cross-attention: the context's, to pass back as context_kv)."""
         context = x if context is None else context
         split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
-        q, k, v = split(self.q(x)), split(self.k(context)), split(self.v(context))  # (B, H, L, Dh)
+        q = split(self.q(x))                                                     # (B, H, Lq, Dh)
+        if context_kv is None:
+            k, v = split(self.k(context)), split(self.v(context))                # (B, H, Lk, Dh)
+        else:  # projected at an earlier decoding step
+            k, v = context_kv
         if gate is not None:  # a suppressed token is heard less by every later token
             k, v = k * gate[:, None, :, None], v * gate[:, None, :, None]
         if past is not None:
@@ -209,14 +218,16 @@ class DecoderLayer(backbones.BertLayer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, attention=GatedSparseAttention, **kwargs)
 
-    def forward(self, x, mask, image, gate=None, past=None, return_attn=False):
-        """x (B, L, D), mask (B, 1, L, past + L), image (B, M, Dv)
-        -> x, self-attention probs, (k, v)."""
+    def forward(self, x, mask, image, gate=None, past=None, return_attn=False, image_kv=None):
+        """x (B, L, D), mask (B, 1, L, past + L), image (B, M, Dv), image_kv: the image's
+        cross-attention (k, v) each (B, H, M, Dh) from an earlier call, or None (projected here)
+        -> x, self-attention probs, (k, v), image_kv."""
         h, probs, kv = self.self_attn(x, mask=mask, return_attn=return_attn, gate=gate, past=past)
         x = self.norm1(x + self.drop(h))
-        h, _, _ = self.cross_attn(x, image)  # every image token is visible
+        # every image token is visible
+        h, _, image_kv = self.cross_attn(x, image, context_kv=image_kv)
         x = self.norm_cross(x + self.drop(h))
-        return self.norm2(x + self.drop(self.mlp(x))), probs, kv
+        return self.norm2(x + self.drop(self.mlp(x))), probs, kv, image_kv
 
 # ----------------------------------------------------------------------------- model
 
@@ -306,9 +317,11 @@ class Decoder(nn.Module):
 
     def forward(self, ids, image, mask=None, cache=None, return_attn=False):
         """ids (B, L), image tokens (B, M, Dv), mask (B, L) 0/1 -> logits (B, L, V)
-        [, self-attention probs per layer]. cache: a list (empty at the start) that keeps each
-        layer's gated keys and values; called again with the next tokens it continues the sequence
-        (no padding then), giving teacher forcing's logits."""
+        [, self-attention probs per layer]. cache: a list (empty at the start) that keeps, per
+        layer, (k, v, image_k, image_v): the gated keys and values so far (B, H, past + L, Dh) and
+        the cross-attention keys and values of the image (B, H, M, Dh), projected on the first call
+        only (the image must be the same at every call); called again with the next tokens it
+        continues the sequence (no padding then), giving teacher forcing's logits."""
         past = cache[0][0].shape[2] if cache else 0
         B, L = ids.shape
         mask = torch.ones_like(ids) if mask is None else mask
@@ -325,12 +338,18 @@ class Decoder(nn.Module):
             # the state entering the layer is scaled (not cancelled: LN(gx + attn(gx)))
             if self.gate == 'hidden':
                 x = x * g[..., None]
-            # keys decoded so far
-            past_kv = cache[i] if cache is not None and len(cache) > i else None
+            # keys decoded so far, and the image's keys and values (None: not projected yet)
+            past_kv, image_kv = None, None
+            if cache is not None and len(cache) > i:
+                past_kv, image_kv = cache[i][:2], cache[i][2:]
             kv_gate = g if self.gate == 'kv' else None
-            x, probs, kv = layer(x, attn_mask, image, kv_gate, past_kv, return_attn)
+            x, probs, kv, image_kv = layer(x, attn_mask, image, kv_gate, past_kv, return_attn,
+                                           image_kv)
             if cache is not None:
-                cache[i:i + 1] = [kv]  # append, or replace layer i's
+                # contiguous once (a no-op later): strided, the image's keys and values would be
+                # copied by every step's attention matmul
+                image_kv = tuple(t.contiguous() for t in image_kv)
+                cache[i:i + 1] = [(*kv, *image_kv)]  # append, or replace layer i's
             self.last_gates.append(g)
             attns.append(probs)
         logits = self.lm_head(x)                                                 # (B, L, V)
@@ -430,7 +449,9 @@ class Captioner(nn.Module):
             scores, new = top.gather(1, alive), token.gather(1, alive).flatten()  # (B, K), (B*K,)
             tokens = torch.cat([tokens[source], new[:, None]], 1)                # (B*K, t+1)
             if kv_cache:
-                cache[:] = [(k[source], v[source]) for k, v in cache]
+                # the image's keys and values need no reordering: source picks rows within each
+                # image's own K rows, and those all hold the same image
+                cache[:] = [(k[source], v[source], ik, iv) for k, v, ik, iv in cache]
                 logits = self.decoder(new[:, None], image, cache=cache)[:, -1]
             else:
                 logits = self.decoder(torch.cat([prompt, tokens], 1), image)[:, -1]
@@ -539,6 +560,22 @@ def steps_to_fraction(log_path, fraction):
     return next((s for s, c in curve if c >= fraction * best), None) if best > 0 else None
 
 
+@torch.no_grad()
+def predict(model, cfg, run):
+    """--predict: the beam-search caption of each image file (.pt / .npy latents for a latent
+    model), one block per file."""
+    model.eval()
+    channels = 4 if cfg.image_input == 'latents' else 3
+    for path in cfg.predict:
+        image = read_image(path, cfg.image_size)                                 # (C, H, W)
+        if image.dim() != 3 or image.shape[0] != channels:
+            raise UserError(f"{path} gives a {tuple(image.shape)} input, but this checkpoint "
+                            f"takes --image_input {cfg.image_input}: give "
+                            f"{'.pt / .npy latents (4, h, w)' if channels == 4 else 'image files'}")
+        caption = model.generate(model.encode_image(image[None].to(run.device)))[0]
+        print(f"{path}\n  caption: {caption}")
+
+
 # ----------------------------------------------------------------------------- training loop
 
 def caption_loss(captioner, batch, device):
@@ -562,9 +599,13 @@ def main(argv=None):
     text = backbones.load_backbone(cfg.text_backbone, 'mlm')
     model = Captioner(cfg, tokenizer, vision, text).to(run.device)
     if run.is_main:
-        gate_params = common.count_params(model.decoder.gates or nn.Module())
-        print(f"{METHOD}: {common.count_params(model, True) / 1e6:.1f}M trainable parameters "
+        gate_params = backbones.count_params(model.decoder.gates or nn.Module())
+        print(f"{METHOD}: {backbones.count_params(model, True) / 1e6:.1f}M trainable parameters "
               f"(gates: {gate_params / 1e3:.1f}K)")
+    if cfg.predict:  # the checkpoint's config came with it (common.parse_config)
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
+        predict(model, cfg, run)
+        return
     if cfg.eval_only:
         common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:

@@ -20,12 +20,14 @@ ones it contradicts (noisy labels) count as little as the rest.
                                                       # LLaVA-1.5 recipe
     torchrun --standalone --nproc_per_node=8 cal.py --data coco --data_root /data/coco
 """
+import itertools
 import time
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,8 +35,9 @@ from torch.utils.data import Dataset
 
 import backbones
 import common
-from data import (ATTRIBUTE_WORDS, VISUAL_WORDS, ShapesWorld, UserError, build_dataset, eval_loader,
-                  train_batches)
+from data import (ATTRIBUTE_WORDS, CELLS, COLORS, NUMBERS, PLURALS, SHAPES, VISUAL_WORDS,
+                  ShapesWorld, UserError, build_dataset, caption_is_true, eval_loader, matches,
+                  np_words, position_phrase, read_image, swap, train_batches)
 
 METHOD = 'cal'
 
@@ -70,6 +73,8 @@ class Config(common.RunConfig):
     max_new_tokens: int = 20        # greedy generation length at evaluation
     eval_images: int = 0            # test images captioned and questioned (0 = all: 1,000 on
                                     # ShapesWorld)
+    question: str = ''              # --predict: what to ask of each image (default: the caption
+                                    # prompt)
     renamed_flags: ClassVar[dict] = dict(vision_model='vision_backbone', llm='lm_backbone')
 
 
@@ -114,6 +119,73 @@ def text_before_image(tokenizer, text):
     return ids[:-1] if ids and ids[-1] in (tokenizer.eos_token_id, tokenizer.sep_token_id) else ids
 
 
+def unique_names(obj, scene, exclude):
+    """All unique names '[size] [color] (shape|object) [at the POS]' of obj, without `exclude`."""
+    names = []
+    for use in itertools.product((False, True), repeat=4):  # size, color, shape, position
+        if use[('size', 'color', 'shape', 'position').index(exclude)]:
+            continue
+        np_ = dict(size=obj['size'] if use[0] else None, color=obj['color'] if use[1] else None,
+                   shape=obj['shape'] if use[2] else None)
+        cell = (obj['row'], obj['col']) if use[3] else None
+        if sum(matches(o, np_, cell) for o in scene) == 1:
+            words = [np_['size'], np_['color'], np_['shape'] or 'object']
+            words += ['at the', position_phrase(*cell)] if cell else []
+            names.append(' '.join(w for w in words if w))
+    return names
+
+
+def questions_and_noise(world, split, index):
+    """ShapesWorld's questions about one image, for the instruction rows of stage 2 -> (questions,
+    noise word indices). questions: [(question, answer, kind)], one per kind in order color,
+    shape, size, position, count, yesno (no position if no object can be named without its cell);
+    objects get unique names without the asked attribute: 'what color is the large circle ?'.
+    With the world's caption_noise p, each *training* color|shape|size|position answer is, with
+    probability p, replaced by a wrong one differing in one word, whose index is recorded (-1 =
+    clean); count and yes/no answers never are."""
+    scene, rng = world.scene(split, index), world.rng(split, index, 'questions')
+    qa = []
+    for kind in ('color', 'shape', 'size', 'position'):
+        template = 'where is the {} ?' if kind == 'position' else f'what {kind} is the {{}} ?'
+        for obj in rng.permutation(scene):
+            names = unique_names(obj, scene, exclude=kind)
+            if names:
+                answer = (position_phrase(obj['row'], obj['col']) if kind == 'position'
+                          else obj[kind])
+                qa.append((template.format(names[rng.integers(len(names))]), answer, kind))
+                break
+    obj, counted = scene[rng.integers(len(scene))], rng.integers(3)
+    color = obj['color'] if rng.random() < 0.5 else COLORS[rng.integers(len(COLORS))]
+    shape = obj['shape'] if rng.random() < 0.5 else SHAPES[rng.integers(len(SHAPES))]
+    if counted == 0:
+        question, n = 'how many objects are there ?', len(scene)
+    elif counted == 1:
+        question, n = (f'how many {color} objects are there ?',
+                       sum(o['color'] == color for o in scene))
+    else:
+        question, n = (f'how many {PLURALS[SHAPES.index(shape)]} are there ?',
+                       sum(o['shape'] == shape for o in scene))
+    qa.append((question, NUMBERS[n], 'count'))
+    np_ = f"a {np_words(obj, rng)}"
+    if rng.random() < 0.5:  # a 'no' question: one attribute of a real object changed
+        np_ = swap(f"a {obj['size']} {obj['color']} {obj['shape']}", scene, 'color', rng)[0]
+    qa.append((f"is there {np_} ?", 'yes' if caption_is_true(np_, scene) else 'no', 'yesno'))
+    noise = [-1] * len(qa)
+    if split == 'train' and world.caption_noise > 0:
+        rng = world.rng(split, index, 'answer_noise')
+        for j in np.flatnonzero(rng.random(len(qa)) < world.caption_noise):
+            question, answer, kind = qa[j]
+            if kind in ('count', 'yesno'):
+                continue
+            words = answer.split()  # wrong answers of the same length that differ in one word
+            options = CELLS if kind == 'position' else ATTRIBUTE_WORDS[kind]
+            wrong = [w for w in options if len(w.split()) == len(words)
+                     and sum(a != b for a, b in zip(w.split(), words)) == 1]
+            qa[j] = (question, wrong[rng.integers(len(wrong))], kind)
+            noise[j] = next(k for k, w in enumerate(qa[j][1].split()) if w != words[k])
+    return qa, noise
+
+
 class QuestionRows(Dataset):
     """ShapesWorld's questions as rows: item k is question k % 6 of image k // 6 (an image with 5
     questions asks its first again). Items: image, question, answer, kind, noise_word (-1 or the
@@ -128,7 +200,7 @@ class QuestionRows(Dataset):
 
     def __getitem__(self, k):
         index, j = divmod(k, 6)
-        qa, noise = self.world.questions_and_noise(self.split, index)
+        qa, noise = questions_and_noise(self.world, self.split, index)
         question, answer, kind = qa[j % len(qa)]
         image = self.world.transform(self.world.image(self.split, index))
         return dict(image=image, question=question, answer=answer, kind=kind,
@@ -442,6 +514,18 @@ def evaluate(model, cfg, split, run, world, png=None):
     return metrics
 
 
+@torch.no_grad()
+def predict(model, cfg, run):
+    """--predict: the greedy answer to --question (default: the caption prompt) for each image file,
+    one block per file."""
+    model.eval()
+    question = cfg.question or cfg.caption_prompt
+    for path in cfg.predict:
+        image = read_image(path, cfg.image_size)                                 # (3, H, W)
+        answer = model.generate(image[None].to(run.device), [question])[0]
+        print(f"{path}\n  {question} -> {answer}")
+
+
 # ----------------------------------------------------------------------------- training loop
 
 def training_rows(cfg, stage, world):
@@ -489,6 +573,10 @@ def main(argv=None):
     model = VLM(cfg, vision, llm, tokenizer).to(run.device)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
+    if cfg.predict:  # the checkpoint's config came with it (common.parse_config)
+        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
+        predict(model, cfg, run)
+        return
     if cfg.eval_only:
         common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:

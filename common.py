@@ -1,10 +1,7 @@
-"""common.py — what every nanoalign method shares, and nothing that belongs to one method.
-
-  config & CLI  RunConfig (the common fields), parse_config (presets + flags), main_guard
-  run setup     device, torchrun DDP (NCCL / gloo), bf16 autocast, seeds, TF32
-  training      lr schedule, AdamW param groups, checkpoints, logger, all_gather, speed / MFU
-  metrics       retrieval recall, captioning (pycocoevalcap), AUROC, render_tokens
-  backbones.py  ViT / BERT layers + HF key maps, load_backbone (HF ids, paths, shapes-tiny-*)"""
+"""common.py — what every nanoalign method shares, and nothing that belongs to one method:
+config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP, bf16 autocast, seeds),
+training (lr schedule, AdamW groups, checkpoints, two stages, logger, all_gather, speed / MFU),
+metrics (retrieval, captioning, AUROC) and render_tokens. The backbones are in backbones.py."""
 import dataclasses
 import difflib
 import inspect
@@ -74,12 +71,10 @@ class RunConfig:
 
 
 def parse_value(name, text, default):
-    """The text of --name (a list of texts for several values) as the type of the field's default."""
+    """The text of --name (a list: several values) as the type of the field's default."""
     if isinstance(default, tuple):  # items typed like the default's first, str if it is empty
-        texts = text if isinstance(text, list) else text.split(',')
+        texts = text if isinstance(text, list) else text.split(',') if default else [text]
         return tuple(parse_value(name, t, default[0]) if default else t for t in texts)
-    if isinstance(text, list):
-        raise UserError(f"--{name} takes one value, got {len(text)}: {' '.join(text)}")
     if isinstance(default, bool):
         if text.lower() not in ('true', 'false'):
             raise UserError(f"--{name} takes true or false, got '{text}'")
@@ -121,8 +116,8 @@ def parse_config(config_cls, presets, argv=None, stem=None):
         i += 1
     values = {k: parse_value(k, v, getattr(defaults, k)) for k, v in flags.items()}
     if 'predict' in values:  # a checkpoint carries its config: start from it
-        out_dir = values.get('out_dir') or str(Path('out') / stem)
-        path = values.get('init_from') or str(Path(out_dir) / 'ckpt.pt')
+        path = values.get('init_from') or str(Path(values.get('out_dir') or Path('out') / stem,
+                                                   'ckpt.pt'))
         saved = load_checkpoint(path, stem)['config']
         base = dataclasses.replace(defaults, **{k: v for k, v in saved.items() if k in names})
         return dataclasses.replace(base, **{'init_from': path, **values})
@@ -161,10 +156,9 @@ class Run:
     def distributed(self):
         return self.world_size > 1
 
-    def autocast(self):
-        if self.dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
+    def autocast(self):  # float32: no autocast
+        float32 = self.dtype == torch.float32
+        return nullcontext() if float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
 
 def setup(cfg):
@@ -190,7 +184,7 @@ def setup(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    if rank == 0:
+    if rank == 0 and not cfg.predict:  # --predict reads a run's out_dir and writes nothing there
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=2))
     return Run(device=device, rank=rank, world_size=world, dtype=dtype)
@@ -238,8 +232,8 @@ def wrap_ddp(module, run):
 
 
 def teardown(run):
-    """End the process group at the end of a torchrun run (an open one makes torch warn or abort at
-    exit). Drop the DDP wrappers first: a reducer outliving its process group can abort at exit."""
+    """End a torchrun run's process group (left open, torch warns or aborts at exit). Drop the DDP
+    wrappers first: a reducer that outlives its process group can abort the exit."""
     if run.distributed and dist.is_initialized():
         dist.barrier()  # no rank may tear down while another still talks to it
         dist.destroy_process_group()
@@ -295,7 +289,7 @@ def set_rng_state(state):
 
 
 def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
-    """Model, optimizer, step, RNG states and config, written atomically (temp file + rename) so a
+    """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
     crash mid-write never leaves a broken ckpt.pt. Call on rank 0."""
     state = dict(method=method, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
                  step=step, config=asdict(cfg), rng=_rng_state(), **extra)
@@ -322,8 +316,7 @@ def load_checkpoint(path, method, map_location='cpu'):
     return state
 
 
-def restore(state, model, optimizer=None, path='the checkpoint',
-            flags='the model sizes or backbones'):
+def restore(state, model, optimizer=None, path='the checkpoint', flags='the sizes or backbones'):
     """Put a checkpoint back: weights, and for --resume the optimizer and RNG streams -> its step.
     A checkpoint of another shape is a UserError naming the file and the flags that set shapes."""
     try:
@@ -338,7 +331,7 @@ def restore(state, model, optimizer=None, path='the checkpoint',
     return state['step']
 
 
-def load_into(path, method, model, optimizer=None, flags='the model sizes or backbones'):
+def load_into(path, method, model, optimizer=None, flags='the sizes or backbones'):
     """load_checkpoint + restore -> the checkpoint (extra entries, e.g. a stage, stay readable)."""
     state = load_checkpoint(path, method)
     restore(state, model, optimizer, path, flags)
@@ -355,12 +348,10 @@ def check_finite(loss, step, cfg):
                         f"Try a lower --lr or --dtype float32")
 
 # ----------------------------------------------------------------------------- two-stage methods
-# cal.py / align_two_phase.py: --stage 1 | 2 | both; stage 1 runs --stage1_steps at --stage1_lr,
-# stage 2 runs --max_steps at --lr; each stage warms up and decays on its own schedule.
-
 
 def stage_ranges(cfg):
-    """-> [(stage, first, last)]: each stage's global steps [first, last), empty if not run."""
+    """--stage 1 | 2 | both -> [(stage, first, last)]: each stage's global steps [first, last),
+    empty if not run: stage 1 runs --stage1_steps (at --stage1_lr), stage 2 --max_steps (--lr)."""
     stage1 = cfg.stage1_steps if cfg.stage != '2' else 0
     stage2 = cfg.max_steps if cfg.stage != '1' else 0
     return [(1, 0, stage1), (2, stage1, stage1 + stage2)]
@@ -488,10 +479,6 @@ def count_flops(loss_of_one_batch, model, samples, run):
     return counter.get_total_flops() / samples
 
 
-def count_params(module, trainable_only=False):
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def write_metrics(cfg, metrics):
     """metrics.json: one flat object of numbers (NaN as null), and a few words (ptb_tokenizer)."""
     metrics = {k: v if isinstance(v, str) else round(float(v), 4) if v == v else None
@@ -522,9 +509,8 @@ def right_to_left_padding(x, mask):
 
 def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     """Recall@{1,5,10} image->text (tr), text->image (ir) in percent, and their mean (rmean). sims
-    (I, T); sims_t2i (T, I) if not sims.T (re-ranking scores each direction's top-k alone);
-    image_texts[i]: indices of image i's captions; texts: their strings, making captions of equal
-    text interchangeable."""
+    (I, T); sims_t2i (T, I) if not sims.T (re-ranking scores each direction's top-k alone); image
+    i's captions are image_texts[i]; with texts (their strings) equal texts are interchangeable."""
     sims = torch.as_tensor(sims).float()  # (I, T)
     if sims.isnan().any():
         raise ValueError('retrieval_metrics: sims contains NaN')

@@ -1,6 +1,6 @@
 """Data for nanoalign: ShapesWorld (the built-in, offline data set), caption-JSON data sets (COCO /
-Flickr30k Karpathy splits, or any JSON of image-caption rows), the ShapesWorld word-level tokenizer,
-image transforms, collate and loaders. Imports nothing from the project; every method file uses it.
+Flickr30k Karpathy splits, or any JSON of image-caption rows), image transforms, collate and
+loaders. Imports nothing from the project; every method file uses it.
 
 ShapesWorld in one minute:
     world = ShapesWorld(seed=0)
@@ -8,19 +8,17 @@ ShapesWorld in one minute:
     world.image('train', 7)     # 64x64 RGB PIL image
     world.captions('train', 7)  # 5 true captions: 'a small red circle above a large blue square'
     world.swap(caption, scene, 'color', rng)  # one visual word changed, caption now false
-    world.questions('val', 3)   # [('what color is the circle ?', 'red', 'color'), ...]
 
-Everything is a pure function of (seed, split, index): each item seeds its own numpy generator from
-(seed, global index, stream), so results never depend on call order, worker count or resume point.
-"""
+Everything is a pure function of (seed, split, index): each item seeds its own numpy generator
+(world.rng), so results never depend on call order, worker count or resume point."""
 import hashlib
-import itertools
 import json
 import os
 import re
 import urllib.request
 import warnings
 import zlib
+from functools import cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -50,15 +48,6 @@ ATTRIBUTE_WORDS = dict(color=COLORS, shape=SHAPES, size=SIZES,
 VISUAL_WORDS = frozenset(COLORS + SHAPES + PLURALS + SIZES + POSITION_WORDS + RELATION_WORDS)
 NUMBERS = ('zero', 'one', 'two', 'three', 'four', 'five', 'six', 'seven', 'eight', 'nine')
 
-SPECIAL_TOKENS = ('[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', '[DEC]')  # BERT's + decoder BOS
-VOCAB = SPECIAL_TOKENS + COLORS + SHAPES + PLURALS + SIZES + ATTRIBUTE_WORDS['position'] + (
-    'a', 'there', 'is', 'are', 'at', 'the', 'to', 'of', 'and',                # caption grammar
-    'what', 'color', 'shape', 'size', 'where', 'how', 'many',                 # questions
-    'object', 'objects', 'yes', 'no',
-    'question', 'answer', 'picture', 'describe', 'this', 'image',              # prompts
-    '?', ':', '.', ',') + NUMBERS + tuple('0123456789')
-PROMPTS = ('a picture of', 'describe this image :', 'question :', 'answer :')  # all in VOCAB
-
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CAPTIONS_PER_IMAGE = 5
@@ -72,7 +61,7 @@ SPLIT_BUCKETS = dict(test=(0,), val=(1,), train=tuple(range(2, 20)))
 
 RGB = dict(red=(220, 40, 40), green=(40, 180, 60), blue=(50, 90, 230), yellow=(230, 210, 40),
            purple=(150, 60, 200), orange=(245, 140, 30), white=(245,) * 3, gray=(128,) * 3)
-_SCENE, _PIXELS, _CAPTIONS, _NOISE, _QUESTIONS, _ANSWER_NOISE = range(6)  # per-image rng streams
+STREAMS = dict(scene=0, pixels=1, captions=2, noise=3, questions=4, answer_noise=5)  # per image
 
 
 # ----------------------------------------------------------------------------- caption grammar
@@ -120,16 +109,16 @@ def parse_caption(caption):
     return dict(nps=nps, cell=CELLS.get(g.get('pos')), relation=g.get('rel'))
 
 
-def _matches(obj, np_, cell=None):
+def matches(obj, np_, cell=None):
     return (all(np_[k] is None or np_[k] == obj[k] for k in ('size', 'color', 'shape'))
             and (cell is None or cell == (obj['row'], obj['col'])))
 
 
 def _holds(form, scene):  # a parsed caption on a scene
     if len(form['nps']) == 1:
-        return any(_matches(o, form['nps'][0], form['cell']) for o in scene)
+        return any(matches(o, form['nps'][0], form['cell']) for o in scene)
     (np_a, np_b), related = form['nps'], RELATIONS[form['relation']]
-    return any(a is not b and _matches(a, np_a) and _matches(b, np_b) and related(a, b)
+    return any(a is not b and matches(a, np_a) and matches(b, np_b) and related(a, b)
                for a in scene for b in scene)
 
 
@@ -161,7 +150,7 @@ def swap(caption, scene, attribute, rng):
     return None
 
 
-def _np_words(obj, rng):
+def np_words(obj, rng):
     """'[size] [color] shape', paraphrased: all 40%, colour+shape 40%, size+shape 10%, shape 10%."""
     keep_size, keep_color = ((1, 1), (0, 1), (1, 0), (0, 0))[rng.choice(4, p=(0.4, 0.4, 0.1, 0.1))]
     return ' '.join([obj['size']] * keep_size + [obj['color']] * keep_color + [obj['shape']])
@@ -172,39 +161,23 @@ def _one_caption(scene, rng):
     templates = ['desc', 'there', 'front', 'is_at'] + ['rel', 'is_rel', 'and'] * (len(scene) > 1)
     template, pos = templates[rng.integers(len(templates))], position_phrase(a['row'], a['col'])
     if template == 'desc':
-        return f"a {_np_words(a, rng)}"
+        return f"a {np_words(a, rng)}"
     if template == 'there':
-        return f"there is a {_np_words(a, rng)} at the {pos}"
+        return f"there is a {np_words(a, rng)} at the {pos}"
     if template == 'front':
-        return f"at the {pos} there is a {_np_words(a, rng)}"
+        return f"at the {pos} there is a {np_words(a, rng)}"
     if template == 'is_at':
-        return f"a {_np_words(a, rng)} is at the {pos}"
+        return f"a {np_words(a, rng)} is at the {pos}"
     b = [o for o in scene if o is not a][rng.integers(len(scene) - 1)]
     if template == 'and':
-        return f"a {_np_words(a, rng)} and a {_np_words(b, rng)}"
+        return f"a {np_words(a, rng)} and a {np_words(b, rng)}"
     true_relations = [r for r in list(RELATIONS)[1:] if RELATIONS[r](a, b)]  # >= 1: cells differ
     relation = true_relations[rng.integers(len(true_relations))]
     verb = 'is ' if template == 'is_rel' else ''
-    return f"a {_np_words(a, rng)} {verb}{relation} a {_np_words(b, rng)}"
+    return f"a {np_words(a, rng)} {verb}{relation} a {np_words(b, rng)}"
 
 
 # ----------------------------------------------------------------------------- ShapesWorld
-
-def _unique_names(obj, scene, exclude):
-    """All unique names '[size] [color] (shape|object) [at the POS]' of obj, without `exclude`."""
-    names = []
-    for use in itertools.product((False, True), repeat=4):  # size, color, shape, position
-        if use[('size', 'color', 'shape', 'position').index(exclude)]:
-            continue
-        np_ = dict(size=obj['size'] if use[0] else None, color=obj['color'] if use[1] else None,
-                   shape=obj['shape'] if use[2] else None)
-        cell = (obj['row'], obj['col']) if use[3] else None
-        if sum(_matches(o, np_, cell) for o in scene) == 1:
-            words = [np_['size'], np_['color'], np_['shape'] or 'object']
-            words += ['at the', position_phrase(*cell)] if cell else []
-            names.append(' '.join(w for w in words if w))
-    return names
-
 
 class ShapesWorld:
     """Procedural scenes: 1-3 objects (colour, shape, size) in distinct cells of a 3x3 grid on a
@@ -229,15 +202,15 @@ class ShapesWorld:
     def num_images(self, split):
         return self.sizes[split]
 
-    def _rng(self, split, index, stream):
+    def rng(self, split, index, stream):  # image index's own generator for one of STREAMS
         if not 0 <= index < (n := self.sizes[split]):
             raise IndexError(f"ShapesWorld {split} has {n} images, asked for index {index}")
-        return np.random.default_rng([self.seed, SPLIT_START[split] + index, stream])
+        return np.random.default_rng([self.seed, SPLIT_START[split] + index, STREAMS[stream]])
 
     def scene(self, split, index):
         """-> list of dict(color, shape, size, row, col), one object per cell, drawn until its hash
         bucket belongs to `split` (~1.1 draws for train, 20 for val/test; microseconds each)."""
-        rng = self._rng(split, index, _SCENE)
+        rng = self.rng(split, index, 'scene')
         while True:
             n = int(rng.integers(self.min_objects, self.max_objects + 1))
             scene = [dict(color=COLORS[rng.integers(len(COLORS))],
@@ -251,7 +224,7 @@ class ShapesWorld:
         """-> RGB PIL image (image_size x image_size): dark canvas with per-pixel noise; objects are
         jittered in position, size and colour: no two renderings of an attribute are identical."""
         s, cell = self.image_size, self.image_size / 3
-        rng = self._rng(split, index, _PIXELS)
+        rng = self.rng(split, index, 'pixels')
         img = Image.fromarray(rng.integers(20, 60, (s, s, 3), dtype=np.uint8))  # background noise
         draw = ImageDraw.Draw(img)
         for obj in self.scene(split, index):
@@ -278,7 +251,7 @@ class ShapesWorld:
         """-> (5 captions, 5 noise word indices): with caption_noise p, each *training* caption is,
         with probability p, made false by `swap` of one visual word, whose word index is recorded
         (-1 = clean). The clean captions come from their own random stream: the same for every p."""
-        scene, rng = self.scene(split, index), self._rng(split, index, _CAPTIONS)
+        scene, rng = self.scene(split, index), self.rng(split, index, 'captions')
         captions = []
         for _ in range(100):  # resample duplicates: identical texts make retrieval ties
             caption = _one_caption(scene, rng)
@@ -289,7 +262,7 @@ class ShapesWorld:
         captions += [captions[-1]] * (CAPTIONS_PER_IMAGE - len(captions))
         noise = [-1] * CAPTIONS_PER_IMAGE
         if split == 'train' and self.caption_noise > 0:
-            rng = self._rng(split, index, _NOISE)
+            rng = self.rng(split, index, 'noise')
             noised = rng.random(CAPTIONS_PER_IMAGE) < self.caption_noise  # monotone in p
             for j in np.flatnonzero(noised):
                 for attribute in rng.permutation(list(ATTRIBUTE_WORDS)):  # colour, shape never fail
@@ -317,64 +290,11 @@ class ShapesWorld:
     caption_is_true = staticmethod(caption_is_true)
     swap = staticmethod(swap)
 
-    def questions(self, split, index):
-        """-> [(question, answer, kind)] for instruction tuning, one per kind in order color, shape,
-        size, position, count, yesno (no position if no object can be named without its cell).
-        Objects get unique names without the asked attribute: 'what color is the large circle ?'."""
-        return self.questions_and_noise(split, index)[0]
-
-    def questions_and_noise(self, split, index):
-        """-> (questions as above, noise word indices): with caption_noise p, each *training*
-        color|shape|size|position answer is, with probability p, replaced by a wrong one differing
-        in one word, whose index is recorded (-1 = clean); count and yes/no answers never are."""
-        scene, rng = self.scene(split, index), self._rng(split, index, _QUESTIONS)
-        qa = []
-        for kind in ('color', 'shape', 'size', 'position'):
-            template = 'where is the {} ?' if kind == 'position' else f'what {kind} is the {{}} ?'
-            for obj in rng.permutation(scene):
-                names = _unique_names(obj, scene, exclude=kind)
-                if names:
-                    answer = (position_phrase(obj['row'], obj['col']) if kind == 'position'
-                              else obj[kind])
-                    qa.append((template.format(names[rng.integers(len(names))]), answer, kind))
-                    break
-        obj, counted = scene[rng.integers(len(scene))], rng.integers(3)
-        color = obj['color'] if rng.random() < 0.5 else COLORS[rng.integers(len(COLORS))]
-        shape = obj['shape'] if rng.random() < 0.5 else SHAPES[rng.integers(len(SHAPES))]
-        if counted == 0:
-            question, n = 'how many objects are there ?', len(scene)
-        elif counted == 1:
-            question, n = (f'how many {color} objects are there ?',
-                           sum(o['color'] == color for o in scene))
-        else:
-            question, n = (f'how many {PLURALS[SHAPES.index(shape)]} are there ?',
-                           sum(o['shape'] == shape for o in scene))
-        qa.append((question, NUMBERS[n], 'count'))
-        np_ = f"a {_np_words(obj, rng)}"
-        if rng.random() < 0.5:  # a 'no' question: one attribute of a real object changed
-            np_ = swap(f"a {obj['size']} {obj['color']} {obj['shape']}", scene, 'color', rng)[0]
-        qa.append((f"is there {np_} ?", 'yes' if caption_is_true(np_, scene) else 'no', 'yesno'))
-        noise = [-1] * len(qa)
-        if split == 'train' and self.caption_noise > 0:
-            rng = self._rng(split, index, _ANSWER_NOISE)
-            for j in np.flatnonzero(rng.random(len(qa)) < self.caption_noise):
-                question, answer, kind = qa[j]
-                if kind in ('count', 'yesno'):
-                    continue
-                words = answer.split()  # wrong answers of the same length that differ in one word
-                options = CELLS if kind == 'position' else ATTRIBUTE_WORDS[kind]
-                wrong = [w for w in options if len(w.split()) == len(words)
-                         and sum(a != b for a, b in zip(w.split(), words)) == 1]
-                qa[j] = (question, wrong[rng.integers(len(wrong))], kind)
-                noise[j] = next(k for k, w in enumerate(qa[j][1].split()) if w != words[k])
-        return qa, noise
-
 
 def latents(images):
-    """The fixed stand-in for a VAE encoder, so latent-input models run offline on ShapesWorld.
-    (..., 3, H, W) normalised images -> (..., 4, H/8, W/8): channels 0-2 are the 8x8 block means of
-    R, G, B; channel 3 is the 8x8 block standard deviation of the luminance (edges / texture), all
-    lossy like a VAE. No parameters: it is a documented function, not a learned model."""
+    """A fixed stand-in for a VAE encoder, so latent-input models run offline on ShapesWorld: (...,
+    3, H, W) normalised images -> (..., 4, H/8, W/8), the 8x8 block means of R, G, B and the block
+    standard deviation of the luminance (edges / texture), lossy like a VAE; no parameters."""
     *lead, _, h, w = images.shape
     if h % 8 or w % 8:
         raise UserError(f"latents need an image size divisible by 8, got {h}x{w}; "
@@ -383,25 +303,6 @@ def latents(images):
     luminance = x.mean(1, keepdim=True)                                  # (N, 1, H, W)
     spread = (F.avg_pool2d(luminance ** 2, 8) - F.avg_pool2d(luminance, 8) ** 2).clamp_min(0).sqrt()
     return torch.cat([F.avg_pool2d(x, 8), spread], 1).reshape(*lead, 4, h // 8, w // 8)
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-def build_tokenizer():
-    """ShapesWorld's word-level tokenizer behind the Hugging Face API (like BERT's): lowercases,
-    splits on spaces and punctuation, adds [CLS] ... [SEP]; [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
-    [DEC]=5 (decoder BOS, bos_token). save_pretrained / AutoTokenizer.from_pretrained round-trip."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token='[UNK]'))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    core.post_processor = processors.TemplateProcessing(
-        single='[CLS] $A [SEP]', pair='[CLS] $A [SEP] $B:1 [SEP]:1',
-        special_tokens=[('[CLS]', 2), ('[SEP]', 3)])
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token='[PAD]', unk_token='[UNK]',
-                                   cls_token='[CLS]', sep_token='[SEP]', mask_token='[MASK]',
-                                   bos_token='[DEC]', eos_token='[SEP]', model_max_length=128)
 
 
 def visual_token_mask(tokenizer, input_ids):
@@ -448,6 +349,21 @@ class ImageTransform:
         return self.pixels(image), caption
 
 
+def read_image(path, image_size):
+    """One file for --predict -> (3, s, s) as evaluation transforms it, or (4, h, w) latents from a
+    .pt / .npy file; a missing or unreadable file is a UserError naming it."""
+    path = Path(path)
+    try:
+        if path.suffix in ('.pt', '.npy'):
+            return (torch.load(path, weights_only=True) if path.suffix == '.pt'
+                    else torch.from_numpy(np.load(path))).float()
+        with Image.open(path) as image:
+            return ImageTransform(image_size, train=False)(image.convert('RGB'), '')[0]
+    except (OSError, ValueError, RuntimeError) as e:
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); give an image file "
+                        f"(JPEG, PNG, ...), or .pt / .npy latents for a latent model") from None
+
+
 def _read_rows(path):
     """JSON list (or JSON Lines) of dict rows; any problem is a UserError naming the file."""
     text, jsonl = Path(path).read_text(encoding='utf-8'), str(path).endswith('.jsonl')
@@ -475,21 +391,19 @@ def _read_rows(path):
 
 
 def hash_split(path, split_ratio):
-    """'train' | 'val' | 'test' for an image by a stable hash of its path against the cumulative
-    shares: every caption of an image lands in the same split, whatever the row order, every run."""
+    """An image's split by a stable hash of its path: its captions go together, on every run."""
     u = int(hashlib.md5(path.encode('utf-8')).hexdigest()[:8], 16) / 16 ** 8  # uniform in [0, 1)
     train, val, _ = (share / sum(split_ratio) for share in split_ratio)
     return 'train' if u < train else 'val' if u < train + val else 'test'
 
 
 class CaptionJSON(Dataset):
-    """Image-caption JSON rows: the BLIP/ALBEF Karpathy files (train: one row per caption {image,
-    caption, image_id}; val/test: one row per image {image, caption: [...]}) or any such list with
-    'image' or 'latent' paths relative to `root`. Rows are grouped by image; image_id = order of
-    first appearance. Train items are one per caption, eval items one per image (ALBEF's
-    texts/txt2img/img2txt). With split_ratio, the file holds every split: only the images whose path
-    hashes into `split` are kept (hash_split). Captions are cleaned (pre_caption) for the model;
-    eval items' `captions` are the raw ones, as COCO evaluation scores them."""
+    """Image-caption JSON rows: the BLIP/ALBEF Karpathy files (train: a row per caption {image,
+    caption, image_id}; val/test: a row per image {image, caption: [...]}) or any such list with
+    'image' or 'latent' paths relative to `root`, grouped by image (image_id = order of first
+    appearance). Train items: one per caption; eval: one per image (ALBEF's texts/txt2img/img2txt).
+    With split_ratio the file holds every split: only the images hashed into `split` are kept.
+    The model gets cleaned captions (pre_caption); eval items' `captions` are the raw ones."""
 
     def __init__(self, ann_file, root, split, image_size, max_words=30, max_images=0,
                  split_ratio=None):
@@ -558,6 +472,21 @@ class CaptionJSON(Dataset):
             return None
         item = dict(image=loaded[0], caption=loaded[1], image_id=i)
         return item if self.train else dict(item, captions=self.references[k])
+
+    @cached_property
+    def image_shapes(self):
+        """Per image index, its latent's shape, from the file's header (memory-mapped, not loaded);
+        None for pixel images (one shape: image_size) and unreadable files."""
+        def shape(path):
+            try:
+                return tuple(torch.load(path, mmap=True, weights_only=True).shape
+                             if path.suffix == '.pt' else np.load(path, mmap_mode='r').shape)
+            except (OSError, ValueError, RuntimeError):
+                return None  # _load warns and skips it
+        return [shape(self.root / path) if kind == 'latent' else None for kind, path in self.paths]
+
+    def item_shapes(self):  # per item (train: caption row, eval: image), for the loaders' buckets
+        return [self.image_shapes[i] for i, _ in self.rows] if self.train else self.image_shapes
 
 
 def _fetch(url, path):
@@ -689,25 +618,60 @@ def collate(batch, tokenizer, max_len):
     return out
 
 
+def shape_buckets(dataset):
+    """{image shape: [item index]} when the items come in several shapes (latents in aspect-ratio
+    buckets: CaptionJSON.item_shapes), else None. Unreadable items join the first bucket."""
+    shapes = dataset.item_shapes() if hasattr(dataset, 'item_shapes') else []
+    buckets = {shape: [] for shape in shapes if shape is not None}
+    if len(buckets) < 2:
+        return None
+    for k, shape in enumerate(shapes):
+        buckets[shape or next(iter(buckets))].append(k)
+    return buckets
+
+
+def bucket_batches(buckets, batch_size, seed, epoch, rank, world_size):
+    """This rank's batches of one epoch, each from one bucket: every bucket shuffled by an rng of
+    (seed, epoch) and cut into full batches, all batches shuffled, batch j to rank j % world_size;
+    the tail is dropped so that every rank gets as many (DDP)."""
+    rng, batches = np.random.default_rng([seed, epoch]), []
+    for items in buckets.values():
+        items = [items[i] for i in rng.permutation(len(items))]
+        batches += [items[s:s + batch_size] for s in range(0, len(items) - batch_size + 1,
+                                                           batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches[rank:len(batches) // world_size * world_size:world_size]
+
+
 def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_workers=0, rank=0,
                   world_size=1, max_bad_images=0):
     """Infinite generator of training batches. Each epoch: DistributedSampler(shuffle, seed,
-    drop_last=True) with set_epoch(epoch), cut into full batches of this rank's share. Starting at
-    `start_step` skips that many batches by index arithmetic, without loading them, so a resumed run
-    sees the same batches as an uninterrupted one. Unreadable images are skipped and counted (from
-    start_step on); past max_bad_images, a UserError. Batches with no readable image are skipped."""
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=seed, drop_last=True)
-    steps_per_epoch = len(sampler) // batch_size
+    drop_last=True) with set_epoch(epoch), cut into full batches of this rank's share; with several
+    image shapes (shape_buckets), bucket_batches. Starting at `start_step` skips that many batches
+    by index arithmetic, without loading them, so a resumed run sees the same batches as an
+    uninterrupted one. Unreadable images are skipped and counted (from start_step on); past
+    max_bad_images, a UserError. Batches with no readable image are skipped."""
+    if buckets := shape_buckets(dataset):
+        epoch_batches = partial(bucket_batches, buckets, batch_size, seed, rank=rank,
+                                world_size=world_size)
+        steps_per_epoch = len(epoch_batches(0))
+    else:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                     seed=seed, drop_last=True)
+        steps_per_epoch = len(sampler) // batch_size
+
+        def epoch_batches(epoch):
+            sampler.set_epoch(epoch)
+            indices = list(sampler)
+            return [indices[s * batch_size:(s + 1) * batch_size] for s in range(steps_per_epoch)]
     if steps_per_epoch == 0:
-        raise UserError(f"the training set has {len(dataset)} rows, fewer than one batch of "
-                        f"{batch_size} per process x {world_size} processes; lower --batch_size")
+        shapes = f" in {len(buckets)} latent shapes (one per batch)" if buckets else ""
+        raise UserError(f"the training set has {len(dataset)} rows{shapes}, fewer than one batch "
+                        f"of {batch_size} per process x {world_size} processes; "
+                        f"lower --batch_size")
     (epoch, skip), n_bad = divmod(start_step, steps_per_epoch), 0
     while True:
-        sampler.set_epoch(epoch)
-        indices = list(sampler)
-        batches = [indices[s * batch_size:(s + 1) * batch_size]
-                   for s in range(skip, steps_per_epoch)]
+        batches = epoch_batches(epoch)[skip:]
         # own generator: creating the loader must not draw from the global RNG, or a resumed run's
         # masks and samples would be shifted by one draw against the uninterrupted run's
         loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
@@ -725,6 +689,12 @@ def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_worke
 
 
 def eval_loader(dataset, batch_size, collate_fn, num_workers=0):
-    """Plain ordered loader over a val/test set (every image once, last batch partial)."""
+    """Plain ordered loader over a val/test set (every image once, last batch partial); with
+    several image shapes (shape_buckets), the items in order within each shape's own batches."""
+    if buckets := shape_buckets(dataset):
+        batches = [items[s:s + batch_size] for items in buckets.values()
+                   for s in range(0, len(items), batch_size)]
+        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
+                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())

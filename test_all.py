@@ -53,7 +53,7 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope='module')
 def tokenizer():
-    return data.build_tokenizer()
+    return backbones.build_tokenizer()
 
 
 @pytest.fixture(scope='module')
@@ -105,6 +105,12 @@ def assert_same_weights(a, b, atol=1e-6):
         torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f'{k}: {m}')
 
 
+def word_diff(a, b):
+    a, b = a.split(), b.split()
+    assert len(a) == len(b)
+    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+
+
 def rng_at_each_call(module, name, monkeypatch, run):
     """The torch RNG state at every call of module.name while run() runs: what each training step draws from."""
     states, function = [], getattr(module, name)
@@ -117,6 +123,16 @@ def rng_at_each_call(module, name, monkeypatch, run):
     run()
     monkeypatch.setattr(module, name, function)
     return states
+
+
+def predicted_blocks(out, images):
+    """--predict's printout -> {image path: the indented lines under it}, one block per image, in order."""
+    lines = out.splitlines()
+    starts = [lines.index(str(path)) for path in images]
+    assert starts == sorted(starts), out
+    blocks = {str(path): lines[s + 1:e] for path, s, e in zip(images, starts, starts[1:] + [len(lines)])}
+    assert all(line.startswith('  ') for block in blocks.values() for line in block), out
+    return blocks
 
 # ============================================================================= common.py
 
@@ -503,12 +519,6 @@ def test_render_tokens_undoes_clip_normalisation_of_tensors(tmp_path):
 
 # ============================================================================= data.py
 
-def word_diff(a, b):
-    a, b = a.split(), b.split()
-    assert len(a) == len(b)
-    return [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
-
-
 # ----------------------------------------------------------------------------- ShapesWorld
 
 def test_shapesworld_is_deterministic_and_independent_of_call_order():
@@ -517,7 +527,6 @@ def test_shapesworld_is_deterministic_and_independent_of_call_order():
     for split, i in (('train', 12), ('val', 7), ('test', 0)):
         assert np.array_equal(np.asarray(a.image(split, i)), np.asarray(b.image(split, i)))
         assert a.captions(split, i) == b.captions(split, i) and a.scene(split, i) == b.scene(split, i)
-        assert a.questions(split, i) == b.questions(split, i)
     other = data.ShapesWorld(seed=4)
     assert [other.captions('train', i) for i in range(10)] != [a.captions('train', i) for i in range(10)]
     assert not np.array_equal(np.asarray(other.image('train', 0)), np.asarray(a.image('train', 0)))
@@ -654,77 +663,6 @@ def test_visual_mask_is_aligned_with_tokens(tokenizer):
         assert not any(m and t.startswith('[') for t, m in zip(tokens, mask))
 
 
-def test_tokenizer_round_trips_text_and_save_pretrained(tokenizer, tmp_path):
-    from transformers import AutoTokenizer
-    assert [tokenizer.convert_tokens_to_ids(t) for t in data.SPECIAL_TOKENS] == list(range(6))
-    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
-            tokenizer.mask_token_id, tokenizer.bos_token_id) == (0, 1, 2, 3, 4, 5)
-    world = data.ShapesWorld()
-    texts = [c for i in range(50) for c in world.captions('train', i)]
-    texts += [q for i in range(50) for q, a, _ in world.questions('train', i)] + list(data.PROMPTS)
-    enc = tokenizer(texts)
-    assert all(tokenizer.unk_token_id not in ids for ids in enc.input_ids)
-    assert all(ids[0] == 2 and ids[-1] == 3 for ids in enc.input_ids)
-    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in enc.input_ids] == texts
-    assert tokenizer('A Red circle?').input_ids == tokenizer('a red circle ?').input_ids
-    tokenizer.save_pretrained(tmp_path)
-    reloaded = AutoTokenizer.from_pretrained(tmp_path)
-    assert reloaded(texts).input_ids == enc.input_ids and len(reloaded) == len(tokenizer) == len(data.VOCAB)
-    assert reloaded.bos_token == '[DEC]' and reloaded.mask_token_id == 4
-
-
-def _resolve(name, scene):
-    """Objects named by '[size] [color] (shape|object) [at the POS]' (independent of data.py's generator)."""
-    words, cell = name.split(), None
-    if 'at' in words:
-        k = words.index('at')
-        cell = next((r, c) for r in range(3) for c in range(3) if data.position_phrase(r, c) == ' '.join(words[k + 2:]))
-        words = words[:k]
-    return [o for o in scene if all(w == 'object' or w in (o['size'], o['color'], o['shape']) for w in words)
-            and cell in (None, (o['row'], o['col']))]
-
-
-def test_questions_are_answerable_and_correct_for_the_scene():
-    world = data.ShapesWorld()
-    kinds = set()
-    for i in range(300):
-        scene = world.scene('train', i)
-        for question, answer, kind in world.questions('train', i):
-            kinds.add(kind)
-            words = question.split()
-            assert words[-1] == '?'
-            if kind in ('color', 'shape', 'size', 'position'):
-                name = ' '.join(words[4 if kind != 'position' else 3:-1])
-                (obj,) = _resolve(name, scene)  # names exactly one object
-                assert answer == (data.position_phrase(obj['row'], obj['col']) if kind == 'position' else obj[kind])
-                assert kind == 'position' or obj[kind] not in name.split()  # the name does not give it away
-            elif kind == 'count':
-                target = words[2]
-                n = sum(target == 'objects' or target in (o['color'], data.PLURALS[data.SHAPES.index(o['shape'])])
-                        for o in scene)
-                assert answer == data.NUMBERS[n]
-            else:
-                assert answer == ('yes' if _resolve(' '.join(words[3:-1]), scene) else 'no')
-    assert kinds == {'color', 'shape', 'size', 'position', 'count', 'yesno'}
-
-
-def test_answer_noise_changes_one_word_of_visual_answers_in_training_only():
-    clean, noisy = data.ShapesWorld(train_images=500), data.ShapesWorld(caption_noise=0.3, train_images=500)
-    eligible = noised = 0
-    for i in range(500):
-        qa, noise = noisy.questions_and_noise('train', i)
-        for (q, a, kind), (q0, a0, kind0), k in zip(qa, clean.questions('train', i), noise):
-            assert (q, kind) == (q0, kind0)
-            eligible += kind not in ('count', 'yesno')
-            if k < 0:
-                assert a == a0
-            else:
-                noised += 1
-                assert kind not in ('count', 'yesno') and word_diff(a0, a) == [k] and a.split()[k] in data.VISUAL_WORDS
-    assert abs(noised / eligible - 0.3) < 0.04
-    assert noisy.questions_and_noise('val', 0) == (clean.questions('val', 0), [-1] * len(clean.questions('val', 0)))
-
-
 def test_latents_are_4_by_h8_by_w8_and_deterministic():
     world = data.ShapesWorld()
     image = world.transform(world.image('test', 0))  # (3, 64, 64)
@@ -832,6 +770,54 @@ def test_train_batches_resume_from_start_step_equals_the_uninterrupted_run(token
     first_epoch = [c for batch in run[:6] for c in batch['input_ids'].tolist()]
     assert len(first_epoch) == 48
     assert run[0]['index'].tolist() != run[6]['index'].tolist()  # reshuffled each epoch
+
+
+GRIDS = ((4, 8, 8), (4, 6, 10), (4, 4, 12))  # latents of 256x256, 192x320, 128x384 images
+
+
+def latents_in_three_grids(root, counts=(7, 5, 4)):
+    """lat_{split}.json (the same rows for each split): counts[g] latents of GRIDS[g], grids interleaved, .npy and
+    .pt alternating, one caption each; latent i (image_id i) is filled with i. -> each image's grid."""
+    grids = [GRIDS[g] for k in range(max(counts)) for g in range(3) if k < counts[g]]
+    for i, grid in enumerate(grids):
+        if i % 2:
+            torch.save(torch.full(grid, float(i)), root / f'{i}.pt')
+        else:
+            np.save(root / f'{i}.npy', np.full(grid, i, np.float32))
+    rows = [dict(latent=f"{i}.{'pt' if i % 2 else 'npy'}", caption=f'a red circle {i}') for i in range(len(grids))]
+    for split in data.SPLITS:
+        (root / f'lat_{split}.json').write_text(json.dumps(rows))
+    return grids
+
+
+def test_latents_in_several_grids_train_and_evaluate_in_batches_of_one_grid(tmp_path, tokenizer):
+    grids = latents_in_three_grids(tmp_path)  # 7 + 5 + 4 images: 3 + 2 + 2 full batches of 2 an epoch
+    cfg = RunConfig(data='json', ann_file=str(tmp_path / 'lat_{split}.json'))
+    train = data.build_dataset(cfg, 'train', image_input='latents')
+    assert train.image_shapes == grids  # read from .npy and .pt headers
+    collate = partial(data.collate, tokenizer=tokenizer, max_len=16)
+    fresh = data.train_batches(train, 2, collate, seed=1)
+    run = [next(fresh) for _ in range(17)]  # crosses two epoch boundaries
+    ids = [batch['image_id'].tolist() for batch in run]
+    for batch, batch_ids in zip(run, ids):  # one grid per batch, each latent its own
+        assert tuple(batch['image'].shape[1:]) in GRIDS and batch['image'][:, 0, 0, 0].tolist() == batch_ids
+    for epoch in (ids[:7], ids[7:14]):  # every full batch of every grid once
+        seen = [i for batch_ids in epoch for i in batch_ids]
+        assert len(set(seen)) == 14 and sorted(grids[b[0]] for b in epoch) == sorted(GRIDS * 2 + GRIDS[:1])
+    assert ids[:7] != ids[7:14]  # reshuffled each epoch
+    for k in (3, 7, 10):
+        resumed = data.train_batches(train, 2, collate, seed=1, start_step=k)
+        assert [next(resumed)['image_id'].tolist() for _ in range(4)] == ids[k:k + 4]
+    by_rank = []
+    for rank in (0, 1):  # 7 batches: 3 each, the 7th dropped
+        batches = data.train_batches(train, 2, collate, seed=1, rank=rank, world_size=2)
+        by_rank.append([i for _ in range(3) for i in next(batches)['image_id'].tolist()])
+        assert len(data.bucket_batches(data.shape_buckets(train), 2, 1, 0, rank, 2)) == 3
+    assert len(set(by_rank[0])) == len(set(by_rank[1])) == 6 and not set(by_rank[0]) & set(by_rank[1])
+    batches = list(data.eval_loader(data.build_dataset(cfg, 'test', image_input='latents'), 3, collate))
+    assert [b['image_id'].tolist() for b in batches] == [[0, 3, 6], [9, 12, 14], [15], [1, 4, 7], [10, 13],
+                                                         [2, 5, 8], [11]]  # by grid, in order, last partial
+    assert all(b['image'][:, 0, 0, 0].tolist() == b['image_id'].tolist() for b in batches)
 
 
 def test_train_batches_shard_one_epoch_disjointly_across_ranks(tokenizer):
@@ -1131,6 +1117,25 @@ def test_grad_checkpointing_gives_the_same_output_and_gradients():
 
 # ----------------------------------------------------------------------------- loading and the built-in backbones
 
+def test_tokenizer_round_trips_text_and_save_pretrained(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+    assert [tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS] == list(range(6))
+    assert (tokenizer.pad_token_id, tokenizer.unk_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+            tokenizer.mask_token_id, tokenizer.bos_token_id) == (0, 1, 2, 3, 4, 5)
+    world = data.ShapesWorld()
+    texts = [c for i in range(50) for c in world.captions('train', i)]
+    texts += list(backbones.PROMPTS)
+    enc = tokenizer(texts)
+    assert all(tokenizer.unk_token_id not in ids for ids in enc.input_ids)
+    assert all(ids[0] == 2 and ids[-1] == 3 for ids in enc.input_ids)
+    assert [tokenizer.decode(ids, skip_special_tokens=True) for ids in enc.input_ids] == texts
+    assert tokenizer('A Red circle?').input_ids == tokenizer('a red circle ?').input_ids
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded(texts).input_ids == enc.input_ids and len(reloaded) == len(tokenizer) == len(backbones.VOCAB)
+    assert reloaded.bos_token == '[DEC]' and reloaded.mask_token_id == 4
+
+
 def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pretrained(builtin_backbones,
                                                                                          monkeypatch):
     monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
@@ -1145,14 +1150,14 @@ def test_builtin_backbones_are_saved_with_their_quality_and_load_through_from_pr
     assert 0 <= quality['shapes-tiny-text']['val_mlm_acc'] <= 100 and quality['shapes-tiny-lm']['val_perplexity'] > 1
     words = 'describe the picture : a red circle ?'
     for name in ('shapes-tiny-text', 'shapes-tiny-lm'):  # the LM's qwen2 type must not make it a byte-level BPE
-        assert backbones.load_tokenizer(name)(words).input_ids == data.build_tokenizer()(words).input_ids, name
+        assert backbones.load_tokenizer(name)(words).input_ids == backbones.build_tokenizer()(words).input_ids, name
     assert not list(builtin_backbones.glob('*.tmp'))      # built in a temp folder, then renamed
 
 
 def test_own_modules_loaded_from_the_builtin_backbones_reproduce_their_hidden_states(builtin_backbones,
                                                                                      monkeypatch):
     monkeypatch.setattr(backbones, 'BACKBONE_DIR', builtin_backbones)
-    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
+    world, tokenizer = data.ShapesWorld(), backbones.build_tokenizer()
     images = torch.stack([world.transform(world.image('val', i)) for i in range(4)])
     hf_vision = backbones.load_backbone('shapes-tiny-vision', 'vision').eval()
     with torch.no_grad():
@@ -1201,13 +1206,13 @@ def albef(tiny_backbones):
         cfg = common.parse_config(ae.Config, ae.PRESETS, AE_TINY + list(argv))
         torch.manual_seed(0)
         return cfg, ae.AlbefEpic(cfg, backbones.load_backbone('shapes-tiny-vision', 'vision'),
-                                 backbones.load_backbone('shapes-tiny-text', 'mlm'), data.build_tokenizer())
+                                 backbones.load_backbone('shapes-tiny-text', 'mlm'), backbones.build_tokenizer())
     return build
 
 
 def shapes_train_batch(n, start=0):
     items = [data.ShapesCaptions(data.ShapesWorld(), 'train')[k] for k in range(start, start + n)]
-    return ae.pair_labels(data.collate(items, data.build_tokenizer(), 32), data.ShapesWorld())
+    return ae.pair_labels(data.collate(items, backbones.build_tokenizer(), 32), data.ShapesWorld())
 
 
 def test_ita_targets_mix_teacher_softmax_and_positives_spread_evenly():
@@ -1261,7 +1266,7 @@ def test_hardness_0_draws_itm_negatives_uniformly_and_1_by_similarity():
 
 
 def test_mlm_masks_about_15_percent_and_never_a_special_token():
-    tokenizer = data.build_tokenizer()
+    tokenizer = backbones.build_tokenizer()
     special = torch.tensor(tokenizer.all_special_ids)
     enc = tokenizer([c for i in range(200) for c in data.ShapesWorld().captions('val', i)], padding=True,
                     return_tensors='pt')
@@ -1426,12 +1431,46 @@ def test_albef_missing_karpathy_file_names_it(tiny_backbones, tmp_path):
         ae.main(AE_TINY + ['--data', 'coco', '--data_root', str(tmp_path), '--out_dir', str(tmp_path / 'out')])
 
 
+def test_albef_predict_ranks_the_captions_of_each_image_by_itm_with_ita_beside(tiny_backbones, tmp_path, capsys):
+    ae.main(AE_TINY + ['--out_dir', str(tmp_path / 'run')])
+    ckpt, images = str(tmp_path / 'run' / 'ckpt.pt'), [tmp_path / 'red.png', tmp_path / 'blue.png']
+    _save_image(images[0], (200, 30, 30))
+    _save_image(images[1], (30, 30, 200))
+    predict = lambda *paths: ['--predict', *map(str, paths), '--init_from', ckpt, '--device', 'cpu']
+    captions = ['a red circle', 'a blue square']
+    capsys.readouterr()
+    ae.main(predict(*images) + ['--captions', *captions])   # no training flags: the config is the checkpoint's
+    blocks = predicted_blocks(capsys.readouterr().out, images)
+    for lines in blocks.values():
+        rows = [re.fullmatch(r'  itm (\d\.\d\d)  ita (-?\d\.\d\d)  (.+)', line) for line in lines]
+        assert all(rows) and sorted(r[3] for r in rows) == sorted(captions), lines
+        itm, ita = [float(r[1]) for r in rows], [float(r[2]) for r in rows]
+        assert itm == sorted(itm, reverse=True) and all(0 <= p <= 1 for p in itm) and all(-1 <= s <= 1 for s in ita)
+    (tmp_path / 'captions.txt').write_text('a red circle\n\n  a blue square  \n')   # one per line, blanks skipped
+    ae.main(predict(*images) + ['--captions', str(tmp_path / 'captions.txt')])
+    assert predicted_blocks(capsys.readouterr().out, images) == blocks
+    (tmp_path / 'bad.jpg').write_bytes(b'not an image')
+    for argv, message in ((predict(*images), 'pass --captions'),
+                          (predict(*images) + ['--captions', str(tmp_path / 'no.txt')], 'no.txt: no such file'),
+                          (predict(images[0], tmp_path / 'bad.jpg') + ['--captions', 'a'], 'cannot read')):
+        with pytest.raises(UserError, match=re.escape(message)):
+            ae.main(argv)
+
+
+def test_albef_predict_refuses_a_checkpoint_of_another_method(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
+                           RunConfig())
+    with pytest.raises(UserError, match='written by cal, not albef_epic'):
+        ae.main(['--predict', str(tmp_path / 'red.png'), '--init_from', str(tmp_path / 'ckpt.pt')])
+
+
 def test_coco_preset_builds_the_paper_scale_model_on_the_meta_device():
     cfg = common.parse_config(ae.Config, ae.PRESETS, ['--data', 'coco'])
     with torch.device('meta'):  # shapes only: no weights, no download
         model = ae.AlbefEpic(cfg, ViTModel(ViTConfig(image_size=224), add_pooling_layer=False),
-                             BertForMaskedLM(BertConfig()), data.build_tokenizer())
-    albef = common.count_params(model.student, trainable_only=True)
+                             BertForMaskedLM(BertConfig()), backbones.build_tokenizer())
+    albef = backbones.count_params(model.student, trainable_only=True)
     assert 205e6 < albef < 215e6, albef       # ALBEF: ~210M trainable (ViT-B/16 + BERT-base 6+6 with cross-attention)
     assert model.student.visual_encoder.pos_embed.shape == (1, 1 + 16 * 16, 768)   # 256 px -> 16x16 patches
     assert (len(model.student.text_layers), len(model.student.fusion_layers)) == (6, 6)
@@ -1486,13 +1525,13 @@ def test_logit_scale_is_clamped_at_max_scale_and_fixed_without_learn_temp():
 def two_phase(tiny_backbones):
     cfg = common.parse_config(a2p.Config, a2p.PRESETS, A2P_TINY[6:])
     model = a2p.TwoPhase(cfg, backbones.load_backbone('shapes-tiny-vision', 'vision'),
-                         backbones.load_backbone('shapes-tiny-text', 'text'), data.build_tokenizer(),
-                         backbones.load_backbone('shapes-tiny-lm', 'lm'), data.build_tokenizer())
+                         backbones.load_backbone('shapes-tiny-text', 'text'), backbones.build_tokenizer(),
+                         backbones.load_backbone('shapes-tiny-lm', 'lm'), backbones.build_tokenizer())
     return cfg, model
 
 
 def shapes_batch(n, split='train', start=0):
-    world, tokenizer = data.ShapesWorld(), data.build_tokenizer()
+    world, tokenizer = data.ShapesWorld(), backbones.build_tokenizer()
     items = [data.ShapesCaptions(world, split)[k] for k in range(start, start + n)]
     return dict(data.collate(items, tokenizer, 32))
 
@@ -1511,7 +1550,7 @@ def test_stage1_gradients_reach_only_the_adapters_and_stage2_only_the_projector(
 
 
 def test_stage2_labels_are_on_caption_and_eos_only():
-    tokenizer = data.build_tokenizer()
+    tokenizer = backbones.build_tokenizer()
     ids, mask, labels = a2p.lm_batch(tokenizer, 'describe this image :', ['a red circle', 'a large blue square'],
                                      eos_id=3, pad_id=0, n_prefix=4, max_len=32)
     prompt = tokenizer('describe this image :', add_special_tokens=False).input_ids          # 4 tokens
@@ -1641,6 +1680,44 @@ def test_align_two_phase_names_a_checkpoint_that_does_not_say_its_stage(tiny_bac
     torch.save(state, tmp_path / 'ckpt.pt')
     with pytest.raises(UserError, match="does not say which stage wrote it"):
         a2p.main(A2P_TINY + ['--out_dir', str(tmp_path), '--eval_only', 'true'])
+
+
+def test_align_two_phase_predict_captions_each_image_and_ranks_the_captions_by_cosine(tiny_backbones, tmp_path,
+                                                                                       capsys):
+    a2p.main(A2P_TINY + ['--out_dir', str(tmp_path / 'run')])
+    ckpt, images = tmp_path / 'run' / 'ckpt.pt', [tmp_path / 'red.png', tmp_path / 'blue.png']
+    _save_image(images[0], (200, 30, 30))
+    _save_image(images[1], (30, 30, 200))
+    predict = lambda ckpt, *paths: ['--predict', *map(str, paths), '--init_from', str(ckpt), '--device', 'cpu']
+    captions = ['a red circle', 'a blue square']
+    capsys.readouterr()
+    a2p.main(predict(ckpt, *images) + ['--captions', *captions])   # no training flags: the checkpoint's config
+    blocks = predicted_blocks(capsys.readouterr().out, images)
+    for lines in blocks.values():   # stage 2 trained: the greedy caption, then the ranked captions
+        assert re.fullmatch(r'  caption: .*', lines[0]), lines
+        rows = [re.fullmatch(r'  cos (-?\d\.\d\d)  (.+)', line) for line in lines[1:]]
+        assert all(rows) and sorted(r[2] for r in rows) == sorted(captions), lines
+        cosine = [float(r[1]) for r in rows]
+        assert cosine == sorted(cosine, reverse=True) and all(-1 <= c <= 1 for c in cosine)
+    a2p.main(predict(ckpt, *images))   # without --captions: the caption alone
+    assert predicted_blocks(capsys.readouterr().out, images) == {p: lines[:1] for p, lines in blocks.items()}
+    state = torch.load(ckpt, weights_only=True)
+    torch.save(dict(state, stage=1), tmp_path / 'stage1.pt')   # as if stage 1 had just ended: no captioner
+    a2p.main(predict(tmp_path / 'stage1.pt', *images) + ['--captions', *captions])
+    assert predicted_blocks(capsys.readouterr().out, images) == {p: lines[1:] for p, lines in blocks.items()}
+    (tmp_path / 'bad.jpg').write_bytes(b'not an image')
+    for argv, message in ((predict(tmp_path / 'stage1.pt', *images), 'finished stage 1 only'),
+                          (predict(ckpt, images[0], tmp_path / 'bad.jpg'), 'cannot read')):
+        with pytest.raises(UserError, match=message):
+            a2p.main(argv)
+
+
+def test_align_two_phase_predict_refuses_a_checkpoint_of_another_method(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'cal', model, torch.optim.SGD(model.parameters(), lr=1), 0,
+                           RunConfig())
+    with pytest.raises(UserError, match='written by cal, not align_two_phase'):
+        a2p.main(['--predict', str(tmp_path / 'red.png'), '--init_from', str(tmp_path / 'ckpt.pt')])
 
 
 A2P_DDP_SCRIPT = '''
@@ -1868,6 +1945,32 @@ def test_greedy_generation_equals_decoding_by_hand_and_beam_search_with_the_cach
     assert len({len(c.split()) for c in beams}) > 1 and len(set(' '.join(beams).split())) >= 3, beams  # varied
 
 
+def test_beam_search_with_the_cache_gives_the_step_logits_of_no_cache_and_projects_the_image_once_per_generate(
+        tiny_backbones):
+    model = blip(tiny_backbones, '--max_new_tokens', '8', '--min_new_tokens', '2', '--sparsity', '0.5')
+    perturb_gates(model)                                                         # gate kv and top-k on
+    torch.nn.init.normal_(model.decoder.lm_head.dense.weight, std=0.2)          # the few-step backbone says 'a'
+    image = model.encode_image(torch.randn(5, 3, 64, 64))
+    logits, k_calls = [], []                                                     # per decoder call
+    model.decoder.register_forward_hook(lambda module, args, out: logits.append(out[:, -1]))
+    for layer in model.decoder.layers:
+        layer.cross_attn.k.register_forward_hook(lambda *_: k_calls.append(1))
+    with torch.no_grad():
+        for beams in (2, 3, 5):
+            runs = {}
+            for kv_cache in (True, False):
+                logits.clear(), k_calls.clear()
+                runs[kv_cache] = model.generate(image, num_beams=beams, kv_cache=kv_cache), list(logits), len(k_calls)
+            (cached, cached_logits, cached_k), (plain, plain_logits, plain_k) = runs[True], runs[False]
+            assert cached == plain and len(set(cached)) > 1, cached
+            assert len(cached_logits) == len(plain_logits) > 2                   # the prompt, then each step
+            for a, b in zip(cached_logits, plain_logits):                        # (5 * beams, V) each
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            n_layers = len(model.decoder.layers)
+            assert cached_k == n_layers                                          # once per generate(), not per step
+            assert plain_k == n_layers * len(plain_logits)
+
+
 def test_latent_encoder_takes_any_grid_and_names_a_bad_latent_shape():
     encoder = bgs.LatentEncoder(dim=16, depth=1, heads=2)
     for h, w, tokens in ((8, 8, 16), (6, 10, 15), (5, 7, 12)):
@@ -1896,6 +1999,22 @@ def test_blip_runs_on_latent_files_named_by_a_caption_json_with_any_grid(tiny_ba
     with pytest.raises(UserError, match=r'latent input must be \(batch, 4, h, w\).*got a tensor of shape \(4, 3, 6'):
         bgs.main(BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'bad_{split}.json'), '--image_input', 'latents',
                              '--text_backbone', 'shapes-tiny-text', '--out_dir', str(tmp_path / 'bad')])
+
+
+def test_blip_trains_resumes_and_evaluates_on_latents_in_three_grids(tiny_backbones, tmp_path, monkeypatch):
+    rows = []
+    for i in range(12):  # 4 images per grid, interleaved: 3 batches of 4 an epoch, each of one grid
+        np.save(tmp_path / f'{i}.npy', np.random.RandomState(i).randn(*GRIDS[i % 3]).astype(np.float32))
+        rows.append(dict(latent=f'{i}.npy', caption=['a red circle', 'a blue square'][i % 2]))
+    for split in data.SPLITS:  # one file per split, the same rows in each
+        (tmp_path / f'caps_{split}.json').write_text(json.dumps(rows))
+    argv = BGS_TINY + ['--data', 'json', '--ann_file', str(tmp_path / 'caps_{split}.json'), '--image_input',
+                       'latents', '--text_backbone', 'shapes-tiny-text', '--max_len', '16']
+    bgs.main(argv + ['--out_dir', str(tmp_path / 'straight')])  # 4 steps cross an epoch; val and test mix grids
+    assert 'cider' in json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+    straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
+    resumed = interrupted_then_resumed(bgs.main, argv, tmp_path / 'resumed', 2, monkeypatch)
+    assert_same_weights(straight['model'], resumed['model'])
 
 
 @pytest.mark.parametrize('image_input', ['pixels', 'latents'])
@@ -1977,6 +2096,30 @@ def test_blip_checkpoint_of_another_shape_names_the_file_and_the_flags(tiny_back
     bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path)])
     with pytest.raises(UserError, match=r'ckpt.pt does not fit this model; were --gate / --image_input'):
         bgs.main(BGS_TINY + ['--gate', 'off', '--eval_only', 'true', '--out_dir', str(tmp_path)])
+
+
+def test_blip_predict_captions_each_image_from_the_checkpoint_alone(tiny_backbones, tmp_path, capsys):
+    bgs.main(BGS_TINY + ['--max_steps', '1', '--eval_every', '0', '--out_dir', str(tmp_path / 'run')])
+    ckpt, config = tmp_path / 'run' / 'ckpt.pt', (tmp_path / 'run' / 'config.json').read_text()
+    images = [tmp_path / 'red.png', tmp_path / 'blue.jpg']
+    _save_image(images[0], (220, 40, 40))
+    _save_image(images[1], (50, 90, 230))
+    capsys.readouterr()
+    bgs.main(['--predict', *map(str, images), '--init_from', str(ckpt)])  # no other flag: its config
+    out = capsys.readouterr().out
+    assert all(f'{image}\n  caption: ' in out for image in images) and out.count('caption: ') == 2
+    assert (tmp_path / 'run' / 'config.json').read_text() == config    # the run's folder is untouched
+    (tmp_path / 'bad.png').write_bytes(b'not an image')
+    with pytest.raises(UserError, match=r'cannot read .*bad.png'):
+        bgs.main(['--predict', str(tmp_path / 'bad.png'), '--init_from', str(ckpt)])
+    with pytest.raises(UserError, match=r"takes --image_input pixels"):
+        torch.save(torch.zeros(4, 8, 8), tmp_path / 'latent.pt')
+        bgs.main(['--predict', str(tmp_path / 'latent.pt'), '--init_from', str(ckpt)])
+    state = torch.load(ckpt, weights_only=True)
+    state['method'] = 'cal'
+    torch.save(state, tmp_path / 'other.pt')
+    with pytest.raises(UserError, match='written by cal, not blip_gated_sparse'):
+        bgs.main(['--predict', str(images[0]), '--init_from', str(tmp_path / 'other.pt')])
 
 
 # ============================================================================= cal.py
@@ -2166,7 +2309,7 @@ def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, t
 
 def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
-    tokenizer = data.build_tokenizer()
+    tokenizer = backbones.build_tokenizer()
     Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                  num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / 'lm')
     tokenizer.save_pretrained(tmp_path / 'lm')
@@ -2214,6 +2357,79 @@ def test_cal_stages_and_the_caption_prompt_reach_the_training_rows(tiny_backbone
     cal.main(CAL_TINY + ['--cal_stages', '2', '--out_dir', str(tmp_path)])
     logged = read_log(tmp_path)
     assert all('delta' not in r for r in logged[:3]) and all('delta' in r for r in logged[3:])   # CAL in stage 2
+
+def test_cal_predict_answers_the_question_for_each_image_from_the_checkpoint_alone(tiny_backbones, tmp_path,
+                                                                                 capsys):
+    cal.main(CAL_TINY + ['--out_dir', str(tmp_path / 'run')])
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    images = [tmp_path / 'red.png', tmp_path / 'blue.png']
+    _save_image(images[0], (220, 40, 40))
+    _save_image(images[1], (50, 90, 230))
+    capsys.readouterr()
+    cal.main(['--predict', *map(str, images), '--init_from', str(ckpt), '--question', 'what color is the circle ?'])
+    out = capsys.readouterr().out
+    assert all(f'{image}\n  what color is the circle ? -> ' in out for image in images)
+    cal.main(['--predict', str(images[0]), '--init_from', str(ckpt)])      # the caption prompt by default
+    assert f'{images[0]}\n  describe this image . -> ' in capsys.readouterr().out
+    with pytest.raises(UserError, match=r'cannot read .*missing.png'):
+        cal.main(['--predict', str(tmp_path / 'missing.png'), '--init_from', str(ckpt)])
+
+
+def resolve(name, scene):
+    """Objects named by '[size] [color] (shape|object) [at the POS]' (independent of cal.py's generator)."""
+    words, cell = name.split(), None
+    if 'at' in words:
+        k = words.index('at')
+        cell = next((r, c) for r in range(3) for c in range(3) if data.position_phrase(r, c) == ' '.join(words[k + 2:]))
+        words = words[:k]
+    return [o for o in scene if all(w == 'object' or w in (o['size'], o['color'], o['shape']) for w in words)
+            and cell in (None, (o['row'], o['col']))]
+
+
+def test_questions_are_answerable_correct_for_the_scene_deterministic_and_in_the_vocabulary():
+    world, tokenizer = data.ShapesWorld(), backbones.build_tokenizer()
+    other_order = data.ShapesWorld()
+    other_order.image('train', 99), cal.questions_and_noise(other_order, 'val', 5)  # other calls first
+    kinds = set()
+    for i in range(300):
+        scene, (qa, _) = world.scene('train', i), cal.questions_and_noise(world, 'train', i)
+        assert (qa, _) == cal.questions_and_noise(other_order, 'train', i)
+        assert all(tokenizer.unk_token_id not in tokenizer(f'{q} {a}').input_ids for q, a, _ in qa)
+        for question, answer, kind in qa:
+            kinds.add(kind)
+            words = question.split()
+            assert words[-1] == '?'
+            if kind in ('color', 'shape', 'size', 'position'):
+                name = ' '.join(words[4 if kind != 'position' else 3:-1])
+                (obj,) = resolve(name, scene)  # names exactly one object
+                assert answer == (data.position_phrase(obj['row'], obj['col']) if kind == 'position' else obj[kind])
+                assert kind == 'position' or obj[kind] not in name.split()  # the name does not give it away
+            elif kind == 'count':
+                target = words[2]
+                n = sum(target == 'objects' or target in (o['color'], data.PLURALS[data.SHAPES.index(o['shape'])])
+                        for o in scene)
+                assert answer == data.NUMBERS[n]
+            else:
+                assert answer == ('yes' if resolve(' '.join(words[3:-1]), scene) else 'no')
+    assert kinds == {'color', 'shape', 'size', 'position', 'count', 'yesno'}
+
+
+def test_answer_noise_changes_one_word_of_visual_answers_in_training_only():
+    clean, noisy = data.ShapesWorld(train_images=500), data.ShapesWorld(caption_noise=0.3, train_images=500)
+    eligible = noised = 0
+    for i in range(500):
+        qa, noise = cal.questions_and_noise(noisy, 'train', i)
+        for (q, a, kind), (q0, a0, kind0), k in zip(qa, cal.questions_and_noise(clean, 'train', i)[0], noise):
+            assert (q, kind) == (q0, kind0)
+            eligible += kind not in ('count', 'yesno')
+            if k < 0:
+                assert a == a0
+            else:
+                noised += 1
+                assert kind not in ('count', 'yesno') and word_diff(a0, a) == [k] and a.split()[k] in data.VISUAL_WORDS
+    assert abs(noised / eligible - 0.3) < 0.04
+    clean_qa = cal.questions_and_noise(clean, 'val', 0)[0]
+    assert cal.questions_and_noise(noisy, 'val', 0) == (clean_qa, [-1] * len(clean_qa))
 
 # ============================================================================= the four method files together
 
