@@ -39,7 +39,7 @@ import backbones
 import common
 from backbones import padding_mask
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader,
-                  read_image, train_batches, true_pairs, visual_token_mask)
+                  read_captions, read_image, train_batches, true_pairs, visual_token_mask)
 
 METHOD = 'albef_epic'
 
@@ -654,28 +654,15 @@ def evaluate(model, cfg, split, run, world, png=None):
     return metrics
 
 
-def read_captions(captions):
-    """--captions: the texts given, or the non-empty lines of one .txt file."""
-    if len(captions) == 1 and captions[0].endswith('.txt'):
-        path = Path(captions[0])
-        if not path.is_file():
-            raise UserError(f"--captions {path}: no such file (one caption per line)")
-        captions = path.read_text(encoding='utf-8').splitlines()
-        if not any(c.strip() for c in captions):
-            raise UserError(f"--captions {path} holds no captions (one per line)")
-    captions = [c.strip() for c in captions if c.strip()]
-    if not captions:
-        raise UserError("--predict ranks captions for each image: pass --captions 'a red circle' "
-                        "'a blue square' (or one .txt file of them, one per line)")
-    return captions
-
-
 @torch.no_grad()
 def predict(model, cfg, run):
     """--predict: for each image file, every --captions text with the student's ITA similarity
     (as evaluate() computes it) and its ITM match probability (the softmax of the ITM head on the
     fused pair, whose match logit rerank() scores by), sorted by ITM."""
     captions = read_captions(cfg.captions)
+    if not captions:
+        raise UserError("--predict ranks captions for each image: pass --captions 'a red circle' "
+                        "'a blue square' (or one .txt file of them, one per line)")
     images = [read_image(path, cfg.image_size) for path in cfg.predict]  # all readable, first
     for path, image in zip(cfg.predict, images):
         if image.shape[0] != 3:

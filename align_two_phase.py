@@ -46,7 +46,7 @@ from tqdm import tqdm
 import backbones
 import common
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, caption_is_true, collate,
-                  eval_loader, parse_caption, read_image, train_batches)
+                  eval_loader, parse_caption, read_captions, read_image, train_batches)
 
 METHOD = 'align_two_phase'
 
@@ -554,18 +554,6 @@ def load_stage_checkpoint(path, saved):
                         f"align_two_phase.py (which called it 'phase'); retrain, or load it, set "
                         f"ckpt['stage'] = ckpt.pop('phase') and torch.save it again")
     return state
-
-
-def read_captions(captions):
-    """--captions: the texts given, or the non-empty lines of one .txt file."""
-    if len(captions) == 1 and captions[0].endswith('.txt'):
-        path = Path(captions[0])
-        if not path.is_file():
-            raise UserError(f"--captions {path}: no such file (one caption per line)")
-        captions = path.read_text(encoding='utf-8').splitlines()
-        if not any(c.strip() for c in captions):
-            raise UserError(f"--captions {path} holds no captions (one per line)")
-    return [c.strip() for c in captions if c.strip()]
 
 
 @torch.no_grad()

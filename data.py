@@ -350,8 +350,7 @@ class ImageTransform:
 
 
 def read_image(path, image_size):
-    """One file for --predict -> (3, s, s) as evaluation transforms it, or (4, h, w) latents from a
-    .pt / .npy file; a missing or unreadable file is a UserError naming it."""
+    """--predict's file -> (3, s, s) as in evaluation, or .pt / .npy latents (4, h, w)."""
     path = Path(path)
     try:
         if path.suffix in ('.pt', '.npy'):
@@ -362,6 +361,15 @@ def read_image(path, image_size):
     except (OSError, ValueError, RuntimeError) as e:
         raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); give an image file "
                         f"(JPEG, PNG, ...), or .pt / .npy latents for a latent model") from None
+
+
+def read_captions(captions):
+    """--captions: the texts given, or the non-empty lines of one .txt file."""
+    if len(captions) == 1 and captions[0].endswith('.txt'):
+        if not Path(captions[0]).is_file():
+            raise UserError(f"--captions {captions[0]}: no such file (one caption per line)")
+        captions = Path(captions[0]).read_text(encoding='utf-8').splitlines()
+    return [c.strip() for c in captions if c.strip()]
 
 
 def _read_rows(path):
@@ -397,13 +405,20 @@ def hash_split(path, split_ratio):
     return 'train' if u < train else 'val' if u < train + val else 'test'
 
 
+def latent_shape(path):  # from the file's header; None if unreadable (_load warns and skips it)
+    try:
+        return tuple(torch.load(path, mmap=True, weights_only=True).shape if path.suffix == '.pt'
+                     else np.load(path, mmap_mode='r').shape)
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
 class CaptionJSON(Dataset):
     """Image-caption JSON rows: the BLIP/ALBEF Karpathy files (train: a row per caption {image,
-    caption, image_id}; val/test: a row per image {image, caption: [...]}) or any such list with
-    'image' or 'latent' paths relative to `root`, grouped by image (image_id = order of first
-    appearance). Train items: one per caption; eval: one per image (ALBEF's texts/txt2img/img2txt).
-    With split_ratio the file holds every split: only the images hashed into `split` are kept.
-    The model gets cleaned captions (pre_caption); eval items' `captions` are the raw ones."""
+    caption, image_id}; val/test: a row per image {image, caption: [...]}) or any list of 'image' or
+    'latent' paths relative to `root`, grouped by image (image_id = order of first appearance).
+    Train items: one per caption; eval: one per image (ALBEF's texts/txt2img/img2txt). With
+    split_ratio only the images hashed into `split` are kept. Eval `captions` are the raw ones."""
 
     def __init__(self, ann_file, root, split, image_size, max_words=30, max_images=0,
                  split_ratio=None):
@@ -437,14 +452,12 @@ class CaptionJSON(Dataset):
         self.split_images = {s: len(keys) for s, keys in self.split_images.items()}
         if not self.paths:
             counts = ', '.join(f"{self.split_images.get(s, 0)} {s}" for s in SPLITS)
-            raise UserError(f"{ann_file} leaves no image for the {split} split (split by image "
-                            f"path at --split_ratio {','.join(map(str, split_ratio))}: {counts}); "
-                            f"add images, change --split_ratio, or give one file per split "
-                            f"with {{split}} in --ann_file")
+            raise UserError(f"{ann_file} leaves no image for the {split} split ({counts} at "
+                            f"--split_ratio {','.join(map(str, split_ratio))}); add images, change "
+                            f"--split_ratio, or give one file per split ({{split}} in --ann_file)")
         if not (first := self.root / self.paths[0][1]).exists():
             raise UserError(f"{first} does not exist: the paths in {ann_file} are relative to "
-                            f"--data_root ({root}); point --data_root at the folder that holds "
-                            f"them")
+                            f"--data_root ({root}); point --data_root at their folder")
         self.rows = [(i, c) for i, cs in enumerate(self.captions) for c in cs]  # train items
         self.texts = [c for cs in self.captions for c in cs]                    # eval: all captions
         self.txt2img = [i for i, cs in enumerate(self.captions) for _ in cs]    # and their images
@@ -474,16 +487,9 @@ class CaptionJSON(Dataset):
         return item if self.train else dict(item, captions=self.references[k])
 
     @cached_property
-    def image_shapes(self):
-        """Per image index, its latent's shape, from the file's header (memory-mapped, not loaded);
-        None for pixel images (one shape: image_size) and unreadable files."""
-        def shape(path):
-            try:
-                return tuple(torch.load(path, mmap=True, weights_only=True).shape
-                             if path.suffix == '.pt' else np.load(path, mmap_mode='r').shape)
-            except (OSError, ValueError, RuntimeError):
-                return None  # _load warns and skips it
-        return [shape(self.root / path) if kind == 'latent' else None for kind, path in self.paths]
+    def image_shapes(self):  # per image: its latent's shape (memory-mapped, not loaded), or None
+        return [latent_shape(self.root / path) if kind == 'latent' else None  # pixels: one shape
+                for kind, path in self.paths]
 
     def item_shapes(self):  # per item (train: caption row, eval: image), for the loaders' buckets
         return [self.image_shapes[i] for i, _ in self.rows] if self.train else self.image_shapes
@@ -504,7 +510,6 @@ def _fetch(url, path):
         tmp.unlink(missing_ok=True)
         return f"{type(e).__name__}: {e}"
     os.replace(tmp, path)
-    return None
 
 
 class ShapesCaptions(Dataset):
@@ -619,8 +624,8 @@ def collate(batch, tokenizer, max_len):
 
 
 def shape_buckets(dataset):
-    """{image shape: [item index]} when the items come in several shapes (latents in aspect-ratio
-    buckets: CaptionJSON.item_shapes), else None. Unreadable items join the first bucket."""
+    """{shape: [item index]} for items of several shapes (latent grids), else None; unreadable
+    items join the first bucket."""
     shapes = dataset.item_shapes() if hasattr(dataset, 'item_shapes') else []
     buckets = {shape: [] for shape in shapes if shape is not None}
     if len(buckets) < 2:
@@ -631,9 +636,8 @@ def shape_buckets(dataset):
 
 
 def bucket_batches(buckets, batch_size, seed, epoch, rank, world_size):
-    """This rank's batches of one epoch, each from one bucket: every bucket shuffled by an rng of
-    (seed, epoch) and cut into full batches, all batches shuffled, batch j to rank j % world_size;
-    the tail is dropped so that every rank gets as many (DDP)."""
+    """This rank's batches of an epoch, each from one bucket: buckets shuffled (seed, epoch), cut
+    into full batches, those shuffled, batch j to rank j % world_size, as many on every rank."""
     rng, batches = np.random.default_rng([seed, epoch]), []
     for items in buckets.values():
         items = [items[i] for i in rng.permutation(len(items))]
@@ -646,11 +650,9 @@ def bucket_batches(buckets, batch_size, seed, epoch, rank, world_size):
 def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_workers=0, rank=0,
                   world_size=1, max_bad_images=0):
     """Infinite generator of training batches. Each epoch: DistributedSampler(shuffle, seed,
-    drop_last=True) with set_epoch(epoch), cut into full batches of this rank's share; with several
-    image shapes (shape_buckets), bucket_batches. Starting at `start_step` skips that many batches
-    by index arithmetic, without loading them, so a resumed run sees the same batches as an
-    uninterrupted one. Unreadable images are skipped and counted (from start_step on); past
-    max_bad_images, a UserError. Batches with no readable image are skipped."""
+    drop_last=True) cut into full batches of this rank's share, or bucket_batches for several image
+    shapes. start_step skips batches by index arithmetic (not loading them): a resumed run sees an
+    unbroken run's batches. Unreadable images are skipped and counted, up to max_bad_images."""
     if buckets := shape_buckets(dataset):
         epoch_batches = partial(bucket_batches, buckets, batch_size, seed, rank=rank,
                                 world_size=world_size)
@@ -691,10 +693,8 @@ def train_batches(dataset, batch_size, collate_fn, seed, start_step=0, num_worke
 def eval_loader(dataset, batch_size, collate_fn, num_workers=0):
     """Plain ordered loader over a val/test set (every image once, last batch partial); with
     several image shapes (shape_buckets), the items in order within each shape's own batches."""
-    if buckets := shape_buckets(dataset):
-        batches = [items[s:s + batch_size] for items in buckets.values()
-                   for s in range(0, len(items), batch_size)]
-        return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
-                          num_workers=num_workers, pin_memory=torch.cuda.is_available())
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_fn,
+    buckets = shape_buckets(dataset) or {None: list(range(len(dataset)))}
+    batches = [items[s:s + batch_size] for items in buckets.values()
+               for s in range(0, len(items), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_fn,
                       num_workers=num_workers, pin_memory=torch.cuda.is_available())

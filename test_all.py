@@ -2373,6 +2373,11 @@ def test_cal_predict_answers_the_question_for_each_image_from_the_checkpoint_alo
     assert f'{images[0]}\n  describe this image . -> ' in capsys.readouterr().out
     with pytest.raises(UserError, match=r'cannot read .*missing.png'):
         cal.main(['--predict', str(tmp_path / 'missing.png'), '--init_from', str(ckpt)])
+    state = torch.load(ckpt, weights_only=True)
+    state['method'] = 'blip_gated_sparse'
+    torch.save(state, tmp_path / 'other.pt')
+    with pytest.raises(UserError, match='written by blip_gated_sparse, not cal'):
+        cal.main(['--predict', str(images[0]), '--init_from', str(tmp_path / 'other.pt')])
 
 
 def resolve(name, scene):
