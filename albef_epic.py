@@ -39,7 +39,8 @@ import backbones
 import common
 from backbones import padding_mask
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader,
-                  read_captions, read_image, train_batches, true_pairs, visual_token_mask)
+                  pre_caption, read_captions, read_image, train_batches, true_pairs,
+                  visual_token_mask)
 
 METHOD = 'albef_epic'
 
@@ -670,7 +671,8 @@ def predict(model, cfg, run):
     model.eval()
     S, device, step = model.student, run.device, 4 * cfg.batch_size
     with run.autocast():
-        enc, text_embeds, text_feat = encode_texts(S, model.tokenizer, captions, cfg, device)
+        cleaned = [pre_caption(c) for c in captions]  # as the captions of training and evaluate()
+        enc, text_embeds, text_feat = encode_texts(S, model.tokenizer, cleaned, cfg, device)
         for path, image in zip(cfg.predict, images):
             image_embeds = S.encode_image(image[None].to(device))              # (1, 1+N, Dv)
             ita = (S.image_feature(image_embeds) @ text_feat.T)[0].tolist()     # C similarities

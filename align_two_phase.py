@@ -46,7 +46,8 @@ from tqdm import tqdm
 import backbones
 import common
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, caption_is_true, collate,
-                  eval_loader, parse_caption, read_captions, read_image, train_batches)
+                  eval_loader, parse_caption, pre_caption, read_captions, read_image,
+                  train_batches)
 
 METHOD = 'align_two_phase'
 
@@ -254,7 +255,7 @@ class Captioner(nn.Module):
         x = torch.cat([prefix, prompt_embeds], 1)                         # (B, T, H), right-padded
         prefix_mask = torch.ones_like(prefix[..., 0], dtype=torch.long)   # (B, K)
         mask = torch.cat([prefix_mask, enc.attention_mask], 1)            # (B, T)
-        x, mask = common.right_to_left_padding(x, mask)
+        x, mask = backbones.right_to_left_padding(x, mask)
         # (B, new): only the generated tokens with inputs_embeds
         new = self.lm.generate(inputs_embeds=x.to(self.lm.dtype), attention_mask=mask,
                                do_sample=False, max_new_tokens=self.cfg.max_new_tokens,
@@ -573,7 +574,8 @@ def predict(model, cfg, run):
             raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
     model.eval()
     if captions:
-        text_emb = truncate(embed_texts(model, captions, cfg, run.device), cfg.d_align)  # (C, d)
+        cleaned = [pre_caption(c) for c in captions]  # as the captions of training and evaluate()
+        text_emb = truncate(embed_texts(model, cleaned, cfg, run.device), cfg.d_align)  # (C, d)
     for path, image in zip(cfg.predict, images):
         image = image[None].to(run.device)                                     # (1, 3, H, W)
         print(path)
@@ -706,7 +708,7 @@ def main(argv=None):
             images = torch.stack([samples[i]['image'] for i in range(len(samples))]).to(run.device)
             for i, caption in enumerate(model.eval().generate(images)):
                 reference = samples[i]['captions'][0]
-                logger.print(f"test image {i}: {caption!r}  (reference: {reference!r})")
+                tqdm.write(f"test image {i}: {caption!r}  (reference: {reference!r})")
         print(common.write_metrics(cfg, {**metrics, **logger.speed(), **speed}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group

@@ -50,6 +50,15 @@ def causal_mask(L, device=None, dtype=torch.float32):
     return torch.full((L, L), torch.finfo(dtype).min, device=device, dtype=dtype).triu(1)
 
 
+def right_to_left_padding(x, mask):
+    """Right-padded rows -> left-padded (rotated by their pad count) for batched decoder-only
+    generation: a row continues right after its last token. x (B, T, ...), mask (B, T) 1 = token."""
+    T = mask.shape[1]
+    order = (torch.arange(T, device=mask.device) - (mask == 0).sum(1, keepdim=True)) % T  # (B, T)
+    index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x)  # (B, T, ...) like x
+    return x.gather(1, index), mask.gather(1, order)
+
+
 def count_params(module, trainable_only=False):
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
 

@@ -530,7 +530,7 @@ def evaluate(model, cfg, split, run, world, png=None):
         if blind:
             blind_predictions.update(zip(ids, model.generate(torch.zeros_like(image))))
         references.update(zip(ids, batch['captions']))
-        tokens, mask, _ = model.tokenize([refs[0] for refs in batch['captions']])
+        tokens, mask, _ = model.tokenize(batch['caption'])  # each image's first caption, cleaned
         topk.counting, topk.query_mask = True, mask.to(run.device)
         model.decoder(tokens.to(run.device), image, mask.to(run.device))
         topk.counting, topk.query_mask = False, None
@@ -591,8 +591,8 @@ def main(argv=None):
     run = common.setup(cfg)
     out = Path(cfg.out_dir)
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
-    # fail early on a bad path or the wrong row kind
-    build_dataset(cfg, 'test', world, image_input=cfg.image_input, max_images=1)  # fail early
+    if not cfg.predict:  # fail early on a bad path or the wrong row kind
+        build_dataset(cfg, 'test', world, image_input=cfg.image_input, max_images=1)
     tokenizer = decoder_tokenizer(cfg.text_backbone)
     vision = (backbones.load_backbone(cfg.vision_backbone, 'vision')
               if cfg.image_input == 'pixels' else None)
@@ -604,7 +604,8 @@ def main(argv=None):
               f"(gates: {gate_params / 1e3:.1f}K)")
     if cfg.predict:  # the checkpoint's config came with it (common.parse_config)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-        predict(model, cfg, run)
+        if run.is_main:
+            predict(model, cfg, run)
         return
     if cfg.eval_only:
         common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)

@@ -342,7 +342,7 @@ class VLM(nn.Module):
         ids = batch['input_ids'].scatter(1, eos_at, tok.pad_token_id)[:, :-1]
         mask = batch['attention_mask'].scatter(1, eos_at, 0)[:, :-1]
         x = self.embed(ids.to(images.device), images, batch['image_start'], blind)
-        x, mask = common.right_to_left_padding(x, mask.to(images.device))
+        x, mask = backbones.right_to_left_padding(x, mask.to(images.device))
         # (B, new): the new tokens only
         new = self.llm.generate(inputs_embeds=x, attention_mask=mask, do_sample=False,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
@@ -490,9 +490,8 @@ def evaluate(model, cfg, split, run, world, png=None):
                                                 model.generate(images, prompts, blind=True)):
             predictions[item['image_id']], blind[item['image_id']] = caption, caption_blind
             references[item['image_id']] = item['captions']
-        # each image with its first reference caption
-        items = [dict(item, caption=item['captions'][0]) for item in batch]
-        rows = collate_rows(items, model.tokenizer, cfg, model.n_image)
+        # each image with its first caption, cleaned as in training (item['captions'] are raw)
+        rows = collate_rows(batch, model.tokenizer, cfg, model.n_image)
         rows = common.to_device(rows, device)
         mask, start = rows['attention_mask'], rows['image_start']
         logits, x = model(rows['input_ids'], rows['image'], start, mask)
@@ -509,7 +508,7 @@ def evaluate(model, cfg, split, run, world, png=None):
         metrics.update(question_accuracy(model, cfg, split, device, world))
     if png:
         item = dataset[0]
-        draw(model, cfg, item['image'], item['captions'][0], device, png)
+        draw(model, cfg, item['image'], item['caption'], device, png)
     model.train()
     return metrics
 
@@ -522,6 +521,8 @@ def predict(model, cfg, run):
     question = cfg.question or cfg.caption_prompt
     for path in cfg.predict:
         image = read_image(path, cfg.image_size)                                 # (3, H, W)
+        if image.shape[0] != 3:
+            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
         answer = model.generate(image[None].to(run.device), [question])[0]
         print(f"{path}\n  {question} -> {answer}")
 
@@ -563,7 +564,8 @@ def main(argv=None):
     world = None
     if cfg.data == 'shapes':
         world = ShapesWorld(seed=0, image_size=cfg.image_size, caption_noise=cfg.caption_noise)
-    build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
+    if not cfg.predict:
+        build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
     tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
     # Llama-style tokenizers have none: pads are masked, any id will do
     if tokenizer.pad_token_id is None:
@@ -575,7 +577,8 @@ def main(argv=None):
         model.llm.gradient_checkpointing_enable()
     if cfg.predict:  # the checkpoint's config came with it (common.parse_config)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-        predict(model, cfg, run)
+        if run.is_main:
+            predict(model, cfg, run)
         return
     if cfg.eval_only:
         common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)

@@ -85,6 +85,9 @@ def parse_value(name, text, default):
         raise UserError(f"--{name} takes a {type(default).__name__}, got '{text}'") from None
 
 
+RUN_ONLY = ('device', 'dtype', 'compile', 'resume', 'eval_only', 'num_workers')  # not the model's
+
+
 def parse_config(config_cls, presets, argv=None, stem=None):
     """Flags are the field names (`--lr 1e-4` or `--lr=1e-4`); a tuple field takes a1,a2 or several
     values (`--predict a.jpg b.jpg`). `--data X` first applies presets[X] (overrides atop the method
@@ -115,18 +118,20 @@ def parse_config(config_cls, presets, argv=None, stem=None):
         flags[name] = texts[0] if len(texts) == 1 else texts
         i += 1
     values = {k: parse_value(k, v, getattr(defaults, k)) for k, v in flags.items()}
-    if 'predict' in values:  # a checkpoint carries its config: start from it
+    if 'predict' in values:  # a checkpoint carries its config: start from it, not its run's device
         path = values.get('init_from') or str(Path(values.get('out_dir') or Path('out') / stem,
                                                    'ckpt.pt'))
         saved = load_checkpoint(path, stem)['config']
-        base = dataclasses.replace(defaults, **{k: v for k, v in saved.items() if k in names})
-        return dataclasses.replace(base, **{'init_from': path, **values})
+        model = {k: v for k, v in saved.items() if k in names and k not in RUN_ONLY}
+        return dataclasses.replace(defaults, **{**model, 'init_from': path, **values})
     data = values.get('data', defaults.data)
     if data not in presets:
         raise UserError(f"unknown --data '{data}'; choose one of: {', '.join(presets)}")
     cfg = dataclasses.replace(defaults, **{**presets[data], **values})  # explicit flags win
     if not cfg.out_dir:
         cfg.out_dir = str(Path('out') / stem)
+    if (cfg.eval_only or cfg.resume) and cfg.data == 'json' and '{split}' not in cfg.ann_file:
+        check_split(cfg, stem)
     return cfg
 
 
@@ -232,8 +237,7 @@ def wrap_ddp(module, run):
 
 
 def teardown(run):
-    """End a torchrun run's process group (left open, torch warns or aborts at exit). Drop the DDP
-    wrappers first: a reducer that outlives its process group can abort the exit."""
+    """End a torchrun run's process group (drop DDP wrappers first: a reducer left can abort)."""
     if run.distributed and dist.is_initialized():
         dist.barrier()  # no rank may tear down while another still talks to it
         dist.destroy_process_group()
@@ -244,6 +248,12 @@ def unwrap(module):
     while hasattr(module, 'module') or hasattr(module, '_orig_mod'):
         module = getattr(module, 'module', None) or module._orig_mod
     return module
+
+
+def to_device(batch, device):
+    """A collated batch (dict) with its tensors on device; others (captions, counts) as they are."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
 
 # ----------------------------------------------------------------------------- optimisation
 
@@ -305,7 +315,7 @@ def load_checkpoint(path, method, map_location='cpu'):
         raise UserError(f"no checkpoint at {path}; train first (without --eval_only / --resume) "
                         f"or point --init_from at a ckpt.pt")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:  # a truncated or foreign file: say which and why
         raise UserError(f"{path} is not a readable nanoalign checkpoint "
                         f"({type(e).__name__}: {e})") from None
@@ -336,6 +346,17 @@ def load_into(path, method, model, optimizer=None, flags='the sizes or backbones
     state = load_checkpoint(path, method)
     restore(state, model, optimizer, path, flags)
     return state
+
+
+def check_split(cfg, method):
+    """--eval_only / --resume on one --ann_file split by image path must keep the checkpoint's
+    split, or evaluation would see training images."""
+    path = Path(cfg.init_from or Path(cfg.out_dir) / 'ckpt.pt')
+    saved = load_checkpoint(path, method)['config'] if path.is_file() else {}
+    if tuple(saved.get('split_ratio', cfg.split_ratio)) != tuple(cfg.split_ratio):
+        ratio = ','.join(map(str, saved['split_ratio']))
+        raise UserError(f"{path} was trained at --split_ratio {ratio}; another split would put its "
+                        f"training images in val / test: pass --split_ratio {ratio}")
 
 
 def check_finite(loss, step, cfg):
@@ -429,10 +450,6 @@ class Logger:
             self.file.write(json.dumps(row) + '\n')
             self.file.flush()
 
-    def print(self, *msg):
-        if self.run.is_main:
-            tqdm.write(' '.join(str(m) for m in msg))
-
     @contextmanager
     def paused(self):
         """What runs inside is not training time (evaluation, checkpointing)."""
@@ -485,23 +502,6 @@ def write_metrics(cfg, metrics):
                for k, v in metrics.items()}
     (Path(cfg.out_dir) / 'metrics.json').write_text(json.dumps(metrics, indent=2))
     return metrics
-
-# ----------------------------------------------------------------------------- batches
-
-def to_device(batch, device):
-    """A collated batch (dict) with its tensors on device; others (captions, counts) as they are."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in batch.items()}
-
-
-def right_to_left_padding(x, mask):
-    """Right-padded rows -> left-padded (rotated by their pad count) for batched decoder-only
-    generation: a row continues right after its last token. x (B, T, ...), mask (B, T) 1 = token."""
-    T = mask.shape[1]
-    order = (torch.arange(T, device=mask.device) - (mask == 0).sum(1, keepdim=True)) % T  # (B, T)
-    index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand_as(x)  # (B, T, ...) like x
-    return x.gather(1, index), mask.gather(1, order)
-
 
 # ----------------------------------------------------------------------------- metrics
 # Metrics are on the papers' scale (percent, CIDEr x100), so metrics.json reads like their tables.
@@ -579,8 +579,8 @@ def ptb_tokenize(captions):
 def spice_ready():
     # Spice() downloads Stanford CoreNLP (~400 MB) when its jars are missing: only run it with them.
     jar = os.path.join(spice_models.SPICEDIR, spice_models.SPICELIB, spice_models.JAR)
-    return (bool(shutil.which('java')) and os.path.exists(jar + '.jar')
-            and os.path.exists(jar + '-models.jar'))
+    jars = all(os.path.exists(jar + end) for end in ('.jar', '-models.jar'))
+    return bool(shutil.which('java')) and jars
 
 
 def caption_metrics(predictions, references):

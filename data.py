@@ -181,7 +181,7 @@ def _one_caption(scene, rng):
 
 class ShapesWorld:
     """Procedural scenes: 1-3 objects (colour, shape, size) in distinct cells of a 3x3 grid on a
-    noisy dark canvas, with 5 true captions, hard negatives, optional caption noise and QA pairs."""
+    noisy dark canvas, with 5 true captions, hard negatives and optional caption noise."""
 
     def __init__(self, seed=0, image_size=64, min_objects=1, max_objects=3, caption_noise=0.0,
                  train_images=100_000):

@@ -922,6 +922,19 @@ def test_a_single_ann_file_is_split_by_image_path_disjointly_and_stably(tmp_path
         data.build_dataset(RunConfig(data='json', ann_file=str(tmp_path / 'rows.json'), split_ratio=(1.0, 0.0, 0.0)), 'val')
 
 
+def test_eval_only_and_resume_on_one_ann_file_keep_the_checkpoints_split(tmp_path):
+    cfg = RunConfig(data='json', ann_file=str(tmp_path / 'caps.json'), out_dir=str(tmp_path), eval_only=True,
+                    split_ratio=(0.8, 0.1, 0.1))
+    model = torch.nn.Linear(2, 2)
+    common.save_checkpoint(tmp_path / 'ckpt.pt', 'toy', model, torch.optim.SGD(model.parameters(), lr=1), 5, cfg)
+    common.check_split(cfg, 'toy')                                     # the same split: fine
+    with pytest.raises(UserError, match=r'trained at --split_ratio 0.8,0.1,0.1; .* pass --split_ratio 0.8,0.1,0.1'):
+        common.check_split(replace(cfg, split_ratio=(0.9, 0.05, 0.05)), 'toy')
+    argv = ['--data', 'json', '--ann_file', str(tmp_path / 'caps.json'), '--out_dir', str(tmp_path), '--resume', 'true']
+    with pytest.raises(UserError, match='trained at --split_ratio 0.8,0.1,0.1'):
+        parse_config(ToyConfig, dict(TOY_PRESETS, json={}), argv, stem='toy')
+
+
 def test_eval_references_are_the_raw_captions_and_only_the_model_input_is_cleaned(tmp_path):
     long = 'A Red circle, ' + ' '.join(f'word{k}' for k in range(40)) + '.'
     _save_image(tmp_path / 'a.png')
