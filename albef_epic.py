@@ -665,9 +665,6 @@ def predict(model, cfg, run):
         raise UserError("--predict ranks captions for each image: pass --captions 'a red circle' "
                         "'a blue square' (or one .txt file of them, one per line)")
     images = [read_image(path, cfg.image_size) for path in cfg.predict]  # all readable, first
-    for path, image in zip(cfg.predict, images):
-        if image.shape[0] != 3:
-            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
     model.eval()
     S, device, step = model.student, run.device, 4 * cfg.batch_size
     with run.autocast():

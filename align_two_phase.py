@@ -569,9 +569,6 @@ def predict(model, cfg, run):
                         f"for each image; pass --captions 'a red circle' 'a blue square' (or one "
                         f".txt file of them, one per line)")
     images = [read_image(path, cfg.image_size) for path in cfg.predict]  # all readable, first
-    for path, image in zip(cfg.predict, images):
-        if image.shape[0] != 3:
-            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
     model.eval()
     if captions:
         cleaned = [pre_caption(c) for c in captions]  # as the captions of training and evaluate()

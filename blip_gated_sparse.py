@@ -567,7 +567,8 @@ def predict(model, cfg, run):
     model.eval()
     channels = 4 if cfg.image_input == 'latents' else 3
     for path in cfg.predict:
-        image = read_image(path, cfg.image_size)                                 # (C, H, W)
+        is_latent = Path(path).suffix in ('.pt', '.npy')
+        image = read_image(path, cfg.image_size, latents=is_latent)              # (C, H, W)
         if image.dim() != 3 or image.shape[0] != channels:
             raise UserError(f"{path} gives a {tuple(image.shape)} input, but this checkpoint "
                             f"takes --image_input {cfg.image_input}: give "

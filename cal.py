@@ -521,8 +521,6 @@ def predict(model, cfg, run):
     question = cfg.question or cfg.caption_prompt
     for path in cfg.predict:
         image = read_image(path, cfg.image_size)                                 # (3, H, W)
-        if image.shape[0] != 3:
-            raise UserError(f"{path}: {METHOD} reads images (JPEG, PNG, ...), not latents")
         answer = model.generate(image[None].to(run.device), [question])[0]
         print(f"{path}\n  {question} -> {answer}")
 

@@ -102,14 +102,14 @@ def parse_config(config_cls, presets, argv=None, stem=None):
         arg = argv[i]
         if not arg.startswith('--'):
             raise UserError(f"unexpected argument '{arg}': flags look like --name value")
-        name, _, text = arg[2:].partition('=')
+        name, sep, text = arg[2:].partition('=')
         if name not in names:
             close = ([renamed[name]] if name in renamed
                      else difflib.get_close_matches(name, names, n=1))
             hint = f"did you mean --{close[0]}?" if close else f"valid flags: {', '.join(names)}"
             raise UserError(f"unknown flag --{name}; {hint}")
-        texts = [text] if _ else []
-        while not _ and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
+        texts = [text] if sep else []  # --name=value, else the values that follow
+        while not sep and i + 1 < len(argv) and not argv[i + 1].startswith('--'):
             texts, i = texts + [argv[i + 1]], i + 1
             if not isinstance(getattr(defaults, name), tuple):
                 break  # one value, unless the field is a tuple

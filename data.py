@@ -1,6 +1,5 @@
-"""Data for nanoalign: ShapesWorld (the built-in, offline data set), caption-JSON data sets (COCO /
-Flickr30k Karpathy splits, or any JSON of image-caption rows), image transforms, collate and
-loaders. Imports nothing from the project; every method file uses it.
+"""Data for nanoalign: ShapesWorld (the built-in, offline data set), caption JSON (COCO / Flickr30k
+Karpathy, any image-caption rows), transforms, collate, loaders. Imports nothing from the project.
 
 ShapesWorld in one minute:
     world = ShapesWorld(seed=0)
@@ -9,8 +8,7 @@ ShapesWorld in one minute:
     world.captions('train', 7)  # 5 true captions: 'a small red circle above a large blue square'
     world.swap(caption, scene, 'color', rng)  # one visual word changed, caption now false
 
-Everything is a pure function of (seed, split, index): each item seeds its own numpy generator
-(world.rng), so results never depend on call order, worker count or resume point."""
+All is a pure function of (seed, split, index) via world.rng, whatever the call order or workers."""
 import hashlib
 import json
 import os
@@ -349,18 +347,21 @@ class ImageTransform:
         return self.pixels(image), caption
 
 
-def read_image(path, image_size):
-    """--predict's file -> (3, s, s) as in evaluation, or .pt / .npy latents (4, h, w)."""
-    path = Path(path)
+def load_latent(path):  # a precomputed VAE latent (4, h, w) from a .pt or .npy file
+    return (torch.load(path, weights_only=True) if path.suffix == '.pt'
+            else torch.from_numpy(np.load(path))).float()
+
+
+def read_image(path, image_size, latents=False):
+    """--predict's file -> (3, s, s) as in evaluation; with latents, its .pt / .npy tensor."""
+    path, wanted = Path(path), 'a .pt / .npy latent' if latents else 'an image (JPEG, PNG, ...)'
     try:
-        if path.suffix in ('.pt', '.npy'):
-            return (torch.load(path, weights_only=True) if path.suffix == '.pt'
-                    else torch.from_numpy(np.load(path))).float()
+        if latents:
+            return load_latent(path)
         with Image.open(path) as image:
             return ImageTransform(image_size, train=False)(image.convert('RGB'), '')[0]
     except (OSError, ValueError, RuntimeError) as e:
-        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); give an image file "
-                        f"(JPEG, PNG, ...), or .pt / .npy latents for a latent model") from None
+        raise UserError(f"cannot read {path} ({type(e).__name__}: {e}); give {wanted}") from None
 
 
 def read_captions(captions):
@@ -470,9 +471,8 @@ class CaptionJSON(Dataset):
     def _load(self, i, caption):  # -> (tensor, caption), None if unreadable (collate counts those)
         kind, path = self.paths[i][0], self.root / self.paths[i][1]
         try:
-            if kind == 'latent':  # (4, h, w) precomputed VAE latents: no augmentation
-                return (torch.load(path, weights_only=True) if path.suffix == '.pt'
-                        else torch.from_numpy(np.load(path))).float(), caption
+            if kind == 'latent':  # no augmentation
+                return load_latent(path), caption
             with Image.open(path) as img:
                 return self.transform(img.convert('RGB'), caption)
         except (OSError, ValueError, RuntimeError) as e:
