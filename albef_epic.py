@@ -40,7 +40,7 @@ import common
 from backbones import padding_mask
 from data import (ATTRIBUTE_WORDS, ShapesWorld, UserError, build_dataset, collate, eval_loader,
                   pre_caption, read_captions, read_image, train_batches, true_pairs,
-                  visual_token_mask)
+                  visual_token_ids)
 
 METHOD = 'albef_epic'
 
@@ -646,7 +646,7 @@ def evaluate(model, cfg, split, run, world, png=None):
                                                image_embeds_m[txt2img[rows]]))
             saliency = torch.cat(saliency)
             words = model.candidates(enc.input_ids, enc.attention_mask)
-            visual = visual_token_mask(tokenizer, enc.input_ids)
+            visual = torch.isin(enc.input_ids, visual_token_ids(tokenizer)).long()
             metrics['saliency_auroc'] = common.auroc(saliency[words], visual[words])
         if png:
             draw_tokens(model, cfg, tokenizer, dataset, world,

@@ -21,6 +21,7 @@ ones it contradicts (noisy labels) count as little as the rest.
     torchrun --standalone --nproc_per_node=8 cal.py --data coco --data_root /data/coco
 """
 import itertools
+import math
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -31,13 +32,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.data import Dataset
 
 import backbones
 import common
-from data import (ATTRIBUTE_WORDS, CELLS, COLORS, NUMBERS, PLURALS, SHAPES, VISUAL_WORDS,
-                  ShapesWorld, UserError, build_dataset, caption_is_true, eval_loader, matches,
-                  np_words, position_phrase, read_image, swap, train_batches)
+from data import (ATTRIBUTE_WORDS, CELLS, COLORS, NUMBERS, PLURALS, SHAPES, ShapesWorld, UserError,
+                  build_dataset, caption_is_true, eval_loader, matches, np_words, position_phrase,
+                  read_image, swap, train_batches, visual_token_ids)
 
 METHOD = 'cal'
 
@@ -66,8 +68,12 @@ class Config(common.RunConfig):
                                     # padding not counted)
     cal_pool: str = 'flat'          # flat: over the micro-batch flattened, as the code | sample:
                                     # within each answer
+    cal_gain: str = 'logit'         # Δo of the target's logit (the paper's) | logprob: of its
+                                    # log-probability (a gain every candidate shares cancels)
+    text_only_frac: float = 0.0     # share of stage-2 rows that are captions without the image
+                                    # (LLaVA's mix has text-only rows); CAL weight 1
     caption_noise: float = 0.0      # ShapesWorld: fraction of training captions / answers made
-                                    # false in one word
+                                    # false in one word, by a value absent from the scene
     image_text: str = 'image :'     # text before the image tokens: the image is never first
     caption_prompt: str = 'describe this image .'  # the instruction of caption rows
     max_new_tokens: int = 20        # greedy generation length at evaluation
@@ -100,6 +106,9 @@ def check_config(cfg):
     if cfg.stage not in ('1', '2', 'both') or cfg.cal_pool not in ('flat', 'sample'):
         raise UserError(f"--stage '{cfg.stage}' must be 1, 2 or both and "
                         f"--cal_pool '{cfg.cal_pool}' flat or sample")
+    if cfg.cal_gain not in ('logit', 'logprob') or not 0 <= cfg.text_only_frac < 1:
+        raise UserError(f"--cal_gain '{cfg.cal_gain}' must be logit or logprob and "
+                        f"--text_only_frac ({cfg.text_only_frac}) a share in [0, 1)")
     if not set(cfg.cal_stages.split(',')) <= {'1', '2'}:
         raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2, "
                         f"e.g. 1,2 or 2")
@@ -141,8 +150,10 @@ def questions_and_noise(world, split, index):
     shape, size, position, count, yesno (no position if no object can be named without its cell);
     objects get unique names without the asked attribute: 'what color is the large circle ?'.
     With the world's caption_noise p, each *training* color|shape|size|position answer is, with
-    probability p, replaced by a wrong one differing in one word, whose index is recorded (-1 =
-    clean); count and yes/no answers never are."""
+    probability p, replaced by a wrong one differing in one word and naming a value no object of
+    the scene has (a colour, shape or size; an empty cell), whose index is recorded (-1 = clean;
+    also when no such value exists, e.g. a size when the scene has both); count and yes/no answers
+    never are."""
     scene, rng = world.scene(split, index), world.rng(split, index, 'questions')
     qa = []
     for kind in ('color', 'shape', 'size', 'position'):
@@ -179,8 +190,13 @@ def questions_and_noise(world, split, index):
                 continue
             words = answer.split()  # wrong answers of the same length that differ in one word
             options = CELLS if kind == 'position' else ATTRIBUTE_WORDS[kind]
+            # what the image shows
+            taken = {(o['row'], o['col']) if kind == 'position' else o[kind] for o in scene}
             wrong = [w for w in options if len(w.split()) == len(words)
-                     and sum(a != b for a, b in zip(w.split(), words)) == 1]
+                     and sum(a != b for a, b in zip(w.split(), words)) == 1
+                     and (CELLS[w] if kind == 'position' else w) not in taken]
+            if not wrong:
+                continue
             qa[j] = (question, wrong[rng.integers(len(wrong))], kind)
             noise[j] = next(k for k, w in enumerate(qa[j][1].split()) if w != words[k])
     return qa, noise
@@ -222,13 +238,32 @@ class Mixture(Dataset):
         return part[(k // len(self.parts)) % len(part)]
 
 
+class TextOnly(Dataset):
+    """Rows of which a share `frac` are captions without their image: LLaVA's instruction mix has
+    text-only rows, so the LLM keeps the prior that CAL's no-image pass asks it for. Row k is one
+    when its own random draw falls below frac (the same rows on every run and rank)."""
+
+    def __init__(self, rows, captions, frac, seed):
+        self.rows, self.captions, self.frac, self.seed = rows, captions, frac, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        if np.random.default_rng([self.seed, k]).random() >= self.frac:
+            return self.rows[k]
+        item = self.captions[k % len(self.captions)]
+        return None if item is None else dict(item, image=None)  # None: unreadable, counted
+
+
 def collate_rows(items, tokenizer, cfg, n_image):
     """Rows -> the LLM's training batch, right-padded:
     [image_text][n_image image slots][prompt][answer][EOS].
     input_ids (B, L) hold pads in the image slots (their embeddings are replaced by the projected
     image); labels (B, L) are -100 except on the answer and its EOS; noise_mask / visual_mask (B, L)
-    mark the answer's corrupted tokens and its visual words (ShapesWorld's study of CAL's weights).
-    An item whose image is None is a text-only row: its image slot is masked out of attention."""
+    mark the answer's tokens of word `noise_word` and its visual words (ShapesWorld's study of Δo).
+    An item whose image is None is a text-only row (text_only (B,)): its image slot is masked out
+    of attention."""
     readable = [item for item in items if item is not None]
     if not readable:
         return dict(n_bad=len(items))
@@ -239,8 +274,6 @@ def collate_rows(items, tokenizer, cfg, n_image):
     prompts = tokenizer(prompt_texts, add_special_tokens=False)
     answer_texts = [item.get('answer', item.get('caption')) for item in items]
     answers = tokenizer(answer_texts, add_special_tokens=False)
-    visual_words = [w for w in VISUAL_WORDS if w in tokenizer.get_vocab()]
-    visual_ids = set(tokenizer.convert_tokens_to_ids(visual_words))
     rows, spans = [], []
     for b, item in enumerate(items):
         answer = answers.input_ids[b][:cfg.max_len]
@@ -261,11 +294,13 @@ def collate_rows(items, tokenizer, cfg, n_image):
         out['labels'][b, start:len(row)] = torch.tensor(row[start:])
         end = start + len(answer)  # the answer's tokens: [start, end)
         out['noise_mask'][b, start:end] = torch.tensor(noisy[:len(answer)], dtype=torch.bool)
-        out['visual_mask'][b, start:end] = torch.tensor([t in visual_ids for t in answer])
+        out['visual_mask'][b, start:end] = torch.isin(torch.tensor(answer),
+                                                       visual_token_ids(tokenizer))
     blank = torch.zeros(3, cfg.image_size, cfg.image_size)
     images = torch.stack([blank if item['image'] is None else item['image'] for item in items])
-    out.update(image=images, image_start=len(before),
-               image_id=torch.tensor([item['image_id'] for item in items]), n_bad=n_bad)
+    out.update(image=images, image_start=len(before), n_bad=n_bad,
+               text_only=torch.tensor([item['image'] is None for item in items]),
+               image_id=torch.tensor([item['image_id'] for item in items]))
     return out
 
 # ----------------------------------------------------------------------------- model
@@ -351,22 +386,34 @@ class VLM(nn.Module):
 
 # ----------------------------------------------------------------------------- CAL
 
-def target_logit_gain(model, x, mask, start, logits, targets):
-    """Δo (B, T): the raw logit of each ground-truth next token with the image minus without it
-    (T = L - 1, the shifted positions; not softmax; fp32; only the target logits are gathered,
-    never a second full fp32 logit tensor). -100 targets gather token 0, as the code does.
-    Positions inside the image get 0: they carry no loss, and the prompt between keeps them out of
-    every answer token's pooling window."""
+def log_normaliser(logits):  # (B, T, V) -> (B, T) fp32 log-sum-exp, a row at a time (152k vocab)
+    return torch.stack([row.float().logsumexp(-1) for row in logits])
+
+
+def target_gain(model, x, mask, start, logits, targets, kinds=('logit',)):
+    """Δo (B, T) of each kind: 'logit', the raw logit of each ground-truth next token with the image
+    minus without it (the paper's: not softmax); 'logprob', the same for its log-probability (the
+    logit minus the log-sum-exp over the vocabulary, so a gain every candidate shares, as when the
+    image only makes the model more confident, cancels). T = L - 1, the shifted positions; fp32;
+    only the target logits are gathered, never a second full fp32 logit tensor. -100 targets
+    gather token 0, as the code does. Positions inside the image get 0: they carry no loss, and the
+    prompt between keeps them out of every answer token's pooling window. -> {kind: (B, T)}"""
     T, N = targets.shape[1], model.n_image
     index = targets.clamp(min=0)[..., None]                              # (B, T, 1)
-    with_image = logits.gather(-1, index).squeeze(-1).float()            # (B, T)
     # the text positions that predict a next token; in the no-image pass they are its first
     # len(text) positions (its last one predicts past the end, as the full pass's last one does)
     text = torch.cat([torch.arange(start), torch.arange(start + N, T)]).to(x.device)
     without = model.logits_without_image(x, mask, start)[:, :len(text)]  # (B, len(text), V)
-    delta = torch.zeros_like(with_image)
-    delta[:, text] = with_image[:, text] - without.gather(-1, index[:, text]).squeeze(-1).float()
-    return delta
+    gains = {}
+    for kind in kinds:
+        with_image = logits.gather(-1, index).squeeze(-1).float()         # (B, T)
+        no_image = without.gather(-1, index[:, text]).squeeze(-1).float()  # (B, len(text))
+        if kind == 'logprob':
+            with_image = with_image - log_normaliser(logits)
+            no_image = no_image - log_normaliser(without)
+        gains[kind] = torch.zeros_like(with_image)
+        gains[kind][:, text] = with_image[:, text] - no_image
+    return gains
 
 
 def cal_weights(delta, answer, cfg):
@@ -386,11 +433,10 @@ def cal_weights(delta, answer, cfg):
 
 
 def answer_loss(model, trainable, batch, cfg, use_cal):
-    """Next-token CE on the answer tokens; with CAL weighted by cal_weights:
-    sum(w * CE) / sum(w over answers). -> dict(loss, and with CAL: delta (mean Δo on answers),
-    at_alpha / at_beta (fractions clamped there), and `weight_sums` (6,): the weight summed over,
-    and the count of, all answer tokens, the corrupted ones and the clean visual ones (the noise
-    study)."""
+    """Next-token CE on the answer tokens; with CAL weighted by cal_weights of the cal_gain Δo
+    (text-only rows: weight 1, no image to weigh by): sum(w * CE) / sum(w over answers).
+    -> dict(loss, and with CAL: delta (mean Δo on answers), at_alpha / at_beta (fractions clamped
+    there))."""
     mask, labels, start = batch['attention_mask'], batch['labels'], batch['image_start']
     logits, x = trainable(batch['input_ids'], batch['image'], start, mask)  # (B, L, V), (B, L, H)
     # position t predicts token t + 1
@@ -403,18 +449,14 @@ def answer_loss(model, trainable, batch, cfg, use_cal):
     if not use_cal:
         return dict(loss=ce.sum() / answer.sum())
     with torch.no_grad():
-        # (B, T) Δo
-        delta = target_logit_gain(model, x.detach(), mask, start, logits.detach(), targets)
+        delta = target_gain(model, x.detach(), mask, start, logits.detach(), targets,
+                            kinds=(cfg.cal_gain,))[cfg.cal_gain]            # (B, T)
         w = cal_weights(delta, answer, cfg)                                 # (B, T)
+        w[batch['text_only']] = 1.0
     loss = (w * ce).sum() / (w[answer].sum() + 1e-6)
-    noisy = batch['noise_mask'][:, 1:]
-    visual = batch['visual_mask'][:, 1:] & ~noisy
-    # per group: the weight summed and the token count
-    sums = torch.stack([t for group in (answer, noisy, visual)
-                        for t in (w[group].sum(), group.sum().float())])
     return dict(loss=loss, delta=delta[answer].mean(),
                 at_alpha=(delta[answer] <= cfg.cal_alpha).float().mean(),
-                at_beta=(delta[answer] >= cfg.cal_beta).float().mean(), weight_sums=sums)
+                at_beta=(delta[answer] >= cfg.cal_beta).float().mean())
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -445,6 +487,92 @@ def question_accuracy(model, cfg, split, device, world):
     return out
 
 
+def noisy_pairs(world, split, indices):
+    """The held-out noisy set: per image, its first caption and that caption made false in one word
+    by a value the scene lacks (attributes in random order) -> [(index, clean, corrupted, word)]."""
+    pairs = []
+    for i in indices:
+        rng, scene = np.random.default_rng(i), world.scene(split, i)
+        caption = world.captions(split, i)[0]
+        swaps = (swap(caption, scene, str(attribute), rng, absent=True)
+                 for attribute in rng.permutation(list(ATTRIBUTE_WORDS)))
+        pairs.append((i, caption, *next(swapped for swapped in swaps if swapped)))
+    return pairs
+
+
+GAIN_GROUPS = ('corrupt', 'true', 'visual', 'other')
+
+
+@torch.no_grad()
+def gain_study(model, cfg, world, device, split='val'):
+    """Δo inspected on the model as it is, before clamping and pooling, on the held-out noisy set:
+    its tokens in GAIN_GROUPS, (i) the corrupted word's, (ii) the true word's at the same slot of
+    the clean caption, (iii) the clean caption's other visual words', (iv) its non-visual ones'
+    (EOS excluded). -> ({kind: {group: (n,) gains}} for kinds logit and logprob, metrics: each
+    group's mean, delta_* / logprob_delta_*, and *_auroc_corrupt: how well the gain ranks true
+    above corrupted tokens, 50 = chance)."""
+    n = min(world.num_images(split), cfg.eval_images or world.num_images(split))
+    gains = {kind: {group: [] for group in GAIN_GROUPS} for kind in ('logit', 'logprob')}
+    for first in range(0, n, cfg.batch_size):
+        pairs = noisy_pairs(world, split, range(first, min(first + cfg.batch_size, n)))
+        clean = [dict(image=world.transform(world.image(split, i)), caption=caption,
+                      noise_word=word, image_id=i) for i, caption, _, word in pairs]
+        corrupted = [dict(item, caption=pair[2]) for item, pair in zip(clean, pairs)]
+        for items in (clean, corrupted):
+            rows = common.to_device(collate_rows(items, model.tokenizer, cfg, model.n_image),
+                                    device)
+            mask, start = rows['attention_mask'], rows['image_start']
+            logits, x = model(rows['input_ids'], rows['image'], start, mask)
+            targets = rows['labels'][:, 1:]
+            gain = target_gain(model, x, mask, start, logits[:, :-1], targets, ('logit', 'logprob'))
+            slot, visual = rows['noise_mask'][:, 1:], rows['visual_mask'][:, 1:]
+            words = (targets != -100) & (targets != model.tokenizer.eos_token_id)
+            groups = (dict(true=slot, visual=visual & ~slot, other=words & ~visual)
+                      if items is clean else dict(corrupt=slot))
+            for kind, group in itertools.product(gain, groups):
+                gains[kind][group].append(gain[kind][groups[group]].cpu())
+    gains = {kind: {g: torch.cat(v) for g, v in groups.items()} for kind, groups in gains.items()}
+    metrics = {}
+    for kind, prefix in (('logit', 'delta'), ('logprob', 'logprob_delta')):
+        metrics.update({f'{prefix}_{g}': gains[kind][g].mean().item() for g in GAIN_GROUPS})
+        true, corrupt = gains[kind]['true'], gains[kind]['corrupt']
+        labels = torch.cat([torch.ones(len(true)), torch.zeros(len(corrupt))])
+        metrics[f'{prefix}_auroc_corrupt'] = common.auroc(torch.cat([true, corrupt]), labels)
+    return gains, metrics
+
+
+def draw_gain_histogram(gains, cfg, path, bins=48):
+    """PNG: the histogram of the logit gain Δo of each of GAIN_GROUPS, one panel each on a shared
+    axis (each panel scaled to its own highest bin), the clamp [alpha, beta] marked in red: the
+    paper chose its clamp from such a histogram."""
+    everything = torch.cat(list(gains.values()))
+    lo = min(everything.quantile(0.005).item(), cfg.cal_alpha - 1)
+    hi = max(everything.quantile(0.995).item(), cfg.cal_beta + 1)
+    W, H, pad = 640, 90, 40
+    canvas = Image.new('RGB', (W + 2 * pad, len(gains) * (H + pad) + pad), 'white')
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
+    x_of = lambda value: pad + (value - lo) / (hi - lo) * W
+    for p, (group, values) in enumerate(gains.items()):
+        top = pad + p * (H + pad)
+        counts = torch.histc(values.clamp(lo, hi), bins, lo, hi)
+        for b, count in enumerate((counts / counts.max().clamp(min=1)).tolist()):
+            x0 = pad + b * W / bins
+            draw.rectangle((x0, top + H * (1 - count), x0 + W / bins - 1, top + H),
+                           fill=(70, 110, 200))
+        for bound in (cfg.cal_alpha, cfg.cal_beta):
+            draw.line((x_of(bound), top, x_of(bound), top + H), fill=(220, 40, 40), width=2)
+        draw.line((pad, top + H, pad + W, top + H), fill='black')
+        draw.text((pad, top - 16), f'{group}: {len(values)} tokens, mean {values.mean():.2f}',
+                  fill='black', font=font)
+        for tick in range(math.ceil(lo), math.floor(hi) + 1, max(1, round((hi - lo) / 10))):
+            draw.text((x_of(tick) - 4, top + H + 2), str(tick), fill='black', font=font)
+    draw.text((pad, len(gains) * (H + pad) + 8), f'delta o (logit gain, clipped to [{lo:.1f}, '
+              f'{hi:.1f}]); red: the clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}]', fill='black',
+              font=font)
+    canvas.save(path)
+    return path
+
+
 @torch.no_grad()
 def draw(model, cfg, image, caption, device, path):
     """PNG: test image 0 beside its first reference caption, each token shaded by its CAL weight /
@@ -457,7 +585,8 @@ def draw(model, cfg, image, caption, device, path):
     logits, x = model(rows['input_ids'], rows['image'], start, mask)
     targets = rows['labels'][:, 1:]
     answer = targets != -100
-    delta = target_logit_gain(model, x, mask, start, logits[:, :-1], targets)
+    delta = target_gain(model, x, mask, start, logits[:, :-1], targets,
+                        kinds=(cfg.cal_gain,))[cfg.cal_gain]
     w = cal_weights(delta, answer, replace(cfg, cal_pool='sample'))
     tokens = model.tokenizer.convert_ids_to_tokens(targets[answer].tolist())
     marked = rows['visual_mask'][:, 1:][answer].tolist()
@@ -466,7 +595,8 @@ def draw(model, cfg, image, caption, device, path):
     weights = [(t, v / cfg.cal_beta, m) for t, v, m in zip(tokens, w[answer].tolist(), marked)]
     gains = [(t, max(v, 0) / cfg.cal_beta, m)
              for t, v, m in zip(tokens, delta[answer].tolist(), marked)]
-    token_rows = [(weight_label, weights), ('delta o: the logit gain from the image', gains)]
+    token_rows = [(weight_label, weights), (f'delta o: the {cfg.cal_gain} gain from the image',
+                                            gains)]
     title = f'{METHOD} (--cal {str(cfg.cal).lower()}): test image 0'
     common.render_tokens(image, token_rows, str(path), title=title, mark_label='visual word')
 
@@ -475,7 +605,8 @@ def draw(model, cfg, image, caption, device, path):
 def evaluate(model, cfg, split, run, world, png=None):
     """Greedy captions (bleu4 meteor rouge_l cider) and, on ShapesWorld, question answering
     (vqa_acc, per kind), each also blind (image tokens zeroed); delta_auroc: how well Δo on the
-    first reference caption's tokens separates ShapesWorld's visual words from the others."""
+    first reference caption's tokens separates ShapesWorld's visual words from the others; and
+    gain_study's metrics on val's noisy set (png: its histogram beside, as cal_gain.png)."""
     model.eval()
     device = run.device
     dataset = build_dataset(cfg, split, world, max_images=cfg.eval_images)
@@ -496,16 +627,20 @@ def evaluate(model, cfg, split, run, world, png=None):
         mask, start = rows['attention_mask'], rows['image_start']
         logits, x = model(rows['input_ids'], rows['image'], start, mask)
         targets = rows['labels'][:, 1:]
-        delta = target_logit_gain(model, x, mask, start, logits[:, :-1], targets)
+        delta = target_gain(model, x, mask, start, logits[:, :-1], targets)['logit']
         # the caption's tokens, not EOS
         words = (targets != -100) & (targets != model.tokenizer.eos_token_id)
         deltas.append(delta[words].cpu())
         visual.append(rows['visual_mask'][:, 1:][words].cpu())
     metrics = common.caption_metrics(predictions, references)
     metrics['blind_cider'] = common.caption_metrics(blind, references)['cider']
-    if world is not None:  # ShapesWorld knows which words are visual
+    if world is not None:  # ShapesWorld knows which words are visual, and the scenes
         metrics['delta_auroc'] = common.auroc(torch.cat(deltas), torch.cat(visual).long())
         metrics.update(question_accuracy(model, cfg, split, device, world))
+        gains, gain_metrics = gain_study(model, cfg, world, device)
+        metrics.update(gain_metrics)
+        if png:
+            draw_gain_histogram(gains['logit'], cfg, Path(png).with_name(f'{METHOD}_gain.png'))
     if png:
         item = dataset[0]
         draw(model, cfg, item['image'], item['caption'], device, png)
@@ -528,11 +663,13 @@ def predict(model, cfg, run):
 # ----------------------------------------------------------------------------- training loop
 
 def training_rows(cfg, stage, world):
-    """Stage 1: captions; stage 2: captions and (on ShapesWorld) questions, one to one."""
+    """Stage 1: captions; stage 2: captions and (on ShapesWorld) questions, one to one, a share
+    text_only_frac of the rows captions without their image."""
     captions = build_dataset(cfg, 'train', world)
-    if stage == 2 and world is not None:
-        return Mixture(captions, QuestionRows(world, 'train'))
-    return captions
+    if stage == 1:
+        return captions
+    rows = Mixture(captions, QuestionRows(world, 'train')) if world is not None else captions
+    return TextOnly(rows, captions, cfg.text_only_frac, cfg.seed) if cfg.text_only_frac else rows
 
 
 def cal_overhead(model, batch, cfg, run, steps=5):
@@ -586,11 +723,9 @@ def main(argv=None):
         return
 
     state, start = None, 0
-    # CAL's weight summed and counted on answers, corrupted ones, clean visual
-    weight_sums = torch.zeros(6)
     if cfg.resume:
         state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
-        start, weight_sums = state['step'], state['weight_sums']
+        start = state['step']
     elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     common.seed_rank(cfg, run)
@@ -633,8 +768,6 @@ def main(argv=None):
                     losses = answer_loss(model, trainable, batch, cfg, use_cal)
                 common.check_finite(losses['loss'], step, cfg)
                 (losses['loss'] / cfg.grad_accum).backward()
-                if use_cal:
-                    weight_sums += losses.pop('weight_sums').detach().float().cpu()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -648,16 +781,11 @@ def main(argv=None):
                         logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
                     if run.is_main:
                         common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer,
-                                               step + 1, cfg, stage=stage, weight_sums=weight_sums)
+                                               step + 1, cfg, stage=stage)
     if run.is_main:
         metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
         if cfg.stage != '1' and batch is not None:
             metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
-        totals_and_counts = weight_sums.view(3, 2).tolist()
-        for name, (total, count) in zip(('mean', 'noisy', 'visual'), totals_and_counts):
-            # the mean CAL weight in training: all answer tokens, corrupted ones, clean visual
-            if count:
-                metrics[f'cal_weight_{name}'] = total / count
         print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group

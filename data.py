@@ -16,7 +16,7 @@ import re
 import urllib.request
 import warnings
 import zlib
-from functools import cached_property, partial
+from functools import cache, cached_property, partial
 from pathlib import Path
 
 import numpy as np
@@ -136,14 +136,20 @@ def true_pairs(captions, scenes):
     return torch.tensor([[f is not None and _holds(f, scene) for f in forms] for scene in scenes])
 
 
-def swap(caption, scene, attribute, rng):
+def swap(caption, scene, attribute, rng, absent=False):
     """Hard negative: change exactly one `attribute` word (color, shape, size or position, relation
-    words included) so the caption is false of the scene -> (new_caption, word_index) or None."""
+    words included) so the caption is false of the scene -> (new_caption, word_index) or None.
+    absent: the new word must name what no object has (a colour, shape or size; a cell no object
+    is in; so never a relation word): a word the image contradicts, not one it shows elsewhere."""
     words, options = caption.split(), ATTRIBUTE_WORDS[attribute]
+    cells = {(o['row'], o['col']) for o in scene} | {(parse_caption(caption) or {}).get('cell')}
+    taken = cells if attribute == 'position' else {o[attribute] for o in scene}
     for i in rng.permutation([i for i, w in enumerate(words) if w in options]):
         for new in rng.permutation(options):
             swapped = ' '.join(words[:i] + [str(new)] + words[i + 1:])
-            if new != words[i] and parse_caption(swapped) and not caption_is_true(swapped, scene):
+            form = parse_caption(swapped) if new != words[i] else None
+            value = form and (form['cell'] if attribute == 'position' else str(new))
+            if form and not _holds(form, scene) and not (absent and value in taken):
                 return swapped, int(i)
     return None
 
@@ -187,11 +193,9 @@ class ShapesWorld:
             raise UserError(f"need 1 <= min_objects <= max_objects <= 9 (one object per cell of "
                             f"the 3x3 grid), got {min_objects} and {max_objects}")
         if not 0.0 <= caption_noise <= 1.0:
-            raise UserError(f"--caption_noise is a fraction of captions in [0, 1], "
-                            f"got {caption_noise}")
+            raise UserError(f"--caption_noise must be a fraction in [0, 1], got {caption_noise}")
         if image_size < 24:
-            raise UserError(f"--image_size {image_size} is too small to draw a 3x3 grid of shapes; "
-                            f"use >= 24")
+            raise UserError(f"--image_size {image_size} is too small for a 3x3 grid; use >= 24")
         self.seed, self.image_size, self.caption_noise = seed, image_size, caption_noise
         self.min_objects, self.max_objects = min_objects, max_objects
         self.sizes = dict(train=train_images, val=EVAL_IMAGES, test=EVAL_IMAGES)
@@ -247,8 +251,9 @@ class ShapesWorld:
 
     def captions_and_noise(self, split, index):
         """-> (5 captions, 5 noise word indices): with caption_noise p, each *training* caption is,
-        with probability p, made false by `swap` of one visual word, whose word index is recorded
-        (-1 = clean). The clean captions come from their own random stream: the same for every p."""
+        with probability p, made false by `swap` of one visual word to a value the scene lacks,
+        whose word index is recorded (-1 = clean). The clean captions come from their own random
+        stream: the same for every p."""
         scene, rng = self.scene(split, index), self.rng(split, index, 'captions')
         captions = []
         for _ in range(100):  # resample duplicates: identical texts make retrieval ties
@@ -262,12 +267,10 @@ class ShapesWorld:
         if split == 'train' and self.caption_noise > 0:
             rng = self.rng(split, index, 'noise')
             noised = rng.random(CAPTIONS_PER_IMAGE) < self.caption_noise  # monotone in p
-            for j in np.flatnonzero(noised):
-                for attribute in rng.permutation(list(ATTRIBUTE_WORDS)):  # colour, shape never fail
-                    swapped = swap(captions[j], scene, str(attribute), rng)
-                    if swapped:
-                        captions[j], noise[j] = swapped
-                        break
+            for j in np.flatnonzero(noised):  # attributes in random order: shape never fails
+                swaps = (swap(captions[j], scene, str(attribute), rng, absent=True)
+                         for attribute in rng.permutation(list(ATTRIBUTE_WORDS)))
+                captions[j], noise[j] = next(swapped for swapped in swaps if swapped)
         return captions, noise
 
     def swap_pairs(self, split, n_images, seed=0):
@@ -277,16 +280,14 @@ class ShapesWorld:
         for i in range(n_images):
             rng, scene = np.random.default_rng([seed, i]), self.scene(split, i)
             for attribute in ATTRIBUTE_WORDS:
-                for caption in self.captions(split, i):
-                    swapped = swap(caption, scene, attribute, rng)
-                    if swapped:
-                        pairs.append((i, caption, swapped[0], attribute, swapped[1]))
-                        break
+                swaps = ((c, swap(c, scene, attribute, rng)) for c in self.captions(split, i))
+                caption, swapped = next(((c, s) for c, s in swaps if s), (None, None))
+                if swapped:
+                    pairs.append((i, caption, swapped[0], attribute, swapped[1]))
         return pairs
 
     # the grammar's helpers, reachable from a world too
-    caption_is_true = staticmethod(caption_is_true)
-    swap = staticmethod(swap)
+    caption_is_true, swap = staticmethod(caption_is_true), staticmethod(swap)
 
 
 def latents(images):
@@ -303,11 +304,10 @@ def latents(images):
     return torch.cat([F.avg_pool2d(x, 8), spread], 1).reshape(*lead, 4, h // 8, w // 8)
 
 
-def visual_token_mask(tokenizer, input_ids):
-    """(..., L) ids -> (..., L) 0/1 long: 1 where the token is a visual word (any vocabulary)."""
+@cache  # once per tokenizer: get_vocab builds a dict of the whole vocabulary (152k ids for Qwen)
+def visual_token_ids(tokenizer):  # the ids of VISUAL_WORDS in any vocabulary
     vocab = tokenizer.get_vocab()
-    visual_ids = torch.tensor([vocab[w] for w in VISUAL_WORDS if w in vocab])
-    return torch.isin(input_ids, visual_ids).long()
+    return torch.tensor([vocab[w] for w in VISUAL_WORDS if w in vocab])
 
 
 # ----------------------------------------------------------------------------- caption JSON
@@ -615,7 +615,7 @@ def collate(batch, tokenizer, max_len):
         out['captions'] = [item['captions'] for item in items]
     if 'noise_word' in items[0]:
         out['index'] = torch.tensor([item['index'] for item in items])
-        out['visual_mask'] = visual_token_mask(tokenizer, enc.input_ids)
+        out['visual_mask'] = torch.isin(enc.input_ids, visual_token_ids(tokenizer)).long()
         out['noise_mask'] = torch.zeros_like(enc.input_ids)
         for b, item in enumerate(items):  # word index -> token positions (a word may span tokens)
             for t, word in enumerate(enc.word_ids(b)):
