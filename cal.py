@@ -549,7 +549,7 @@ def draw_gain_histogram(gains, cfg, path, bins=48):
     lo = min(everything.quantile(0.005).item(), cfg.cal_alpha - 1)
     hi = max(everything.quantile(0.995).item(), cfg.cal_beta + 1)
     W, H, pad = 640, 90, 40
-    canvas = Image.new('RGB', (W + 2 * pad, len(gains) * (H + pad) + pad), 'white')
+    canvas = Image.new('RGB', (W + 2 * pad, len(gains) * (H + pad) + pad + 8), 'white')
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=12)
     x_of = lambda value: pad + (value - lo) / (hi - lo) * W
     for p, (group, values) in enumerate(gains.items()):
@@ -566,7 +566,7 @@ def draw_gain_histogram(gains, cfg, path, bins=48):
                   fill='black', font=font)
         for tick in range(math.ceil(lo), math.floor(hi) + 1, max(1, round((hi - lo) / 10))):
             draw.text((x_of(tick) - 4, top + H + 2), str(tick), fill='black', font=font)
-    draw.text((pad, len(gains) * (H + pad) + 8), f'delta o (logit gain, clipped to [{lo:.1f}, '
+    draw.text((pad, len(gains) * (H + pad) + 26), f'delta o (logit gain, clipped to [{lo:.1f}, '
               f'{hi:.1f}]); red: the clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}]', fill='black',
               font=font)
     canvas.save(path)
