@@ -109,6 +109,9 @@ def check_config(cfg):
     if cfg.cal_gain not in ('logit', 'logprob') or not 0 <= cfg.text_only_frac < 1:
         raise UserError(f"--cal_gain '{cfg.cal_gain}' must be logit or logprob and "
                         f"--text_only_frac ({cfg.text_only_frac}) a share in [0, 1)")
+    if cfg.text_only_frac and cfg.stage == '1':
+        raise UserError("--text_only_frac mixes text-only rows into stage 2; --stage 1 has none "
+                        "(use --stage 2 or both)")
     if not set(cfg.cal_stages.split(',')) <= {'1', '2'}:
         raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2, "
                         f"e.g. 1,2 or 2")
@@ -454,9 +457,11 @@ def answer_loss(model, trainable, batch, cfg, use_cal):
         w = cal_weights(delta, answer, cfg)                                 # (B, T)
         w[batch['text_only']] = 1.0
     loss = (w * ce).sum() / (w[answer].sum() + 1e-6)
-    return dict(loss=loss, delta=delta[answer].mean(),
-                at_alpha=(delta[answer] <= cfg.cal_alpha).float().mean(),
-                at_beta=(delta[answer] >= cfg.cal_beta).float().mean())
+    scored = answer & ~batch['text_only'][:, None]  # the logged Δo: rows with an image
+    scored = scored if scored.any() else answer
+    return dict(loss=loss, delta=delta[scored].mean(),
+                at_alpha=(delta[scored] <= cfg.cal_alpha).float().mean(),
+                at_beta=(delta[scored] >= cfg.cal_beta).float().mean())
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -496,7 +501,8 @@ def noisy_pairs(world, split, indices):
         caption = world.captions(split, i)[0]
         swaps = (swap(caption, scene, str(attribute), rng, absent=True)
                  for attribute in rng.permutation(list(ATTRIBUTE_WORDS)))
-        pairs.append((i, caption, *next(swapped for swapped in swaps if swapped)))
+        if swapped := next((s for s in swaps if s), None):  # None: the scene has every value
+            pairs.append((i, caption, *swapped))
     return pairs
 
 

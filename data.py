@@ -251,9 +251,9 @@ class ShapesWorld:
 
     def captions_and_noise(self, split, index):
         """-> (5 captions, 5 noise word indices): with caption_noise p, each *training* caption is,
-        with probability p, made false by `swap` of one visual word to a value the scene lacks,
-        whose word index is recorded (-1 = clean). The clean captions come from their own random
-        stream: the same for every p."""
+        with probability p, made false by `swap` of one visual word to a value the scene lacks
+        (with up to 3 objects a shape always is), whose word index is recorded (-1 = clean). The
+        clean captions come from their own random stream: the same for every p."""
         scene, rng = self.scene(split, index), self.rng(split, index, 'captions')
         captions = []
         for _ in range(100):  # resample duplicates: identical texts make retrieval ties
@@ -267,10 +267,10 @@ class ShapesWorld:
         if split == 'train' and self.caption_noise > 0:
             rng = self.rng(split, index, 'noise')
             noised = rng.random(CAPTIONS_PER_IMAGE) < self.caption_noise  # monotone in p
-            for j in np.flatnonzero(noised):  # attributes in random order: shape never fails
+            for j in np.flatnonzero(noised):  # attributes in random order; clean if none can
                 swaps = (swap(captions[j], scene, str(attribute), rng, absent=True)
                          for attribute in rng.permutation(list(ATTRIBUTE_WORDS)))
-                captions[j], noise[j] = next(swapped for swapped in swaps if swapped)
+                captions[j], noise[j] = next((s for s in swaps if s), (captions[j], -1))
         return captions, noise
 
     def swap_pairs(self, split, n_images, seed=0):

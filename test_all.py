@@ -647,6 +647,12 @@ def test_caption_noise_rate_is_p_and_the_changed_word_names_what_the_scene_lacks
             assert noisy.captions_and_noise(split, i) == (clean.captions(split, i), [-1] * 5)
 
 
+def test_a_scene_with_every_value_keeps_its_caption_clean_rather_than_ending_the_epoch():
+    world = data.ShapesWorld(max_objects=9, caption_noise=1.0, train_images=300)
+    noise = [k for i in range(300) for k in world.captions_and_noise('train', i)[1]]   # no StopIteration
+    assert -1 in noise and np.mean([k >= 0 for k in noise]) > 0.5
+
+
 def test_noise_mask_marks_the_corrupted_token_after_tokenization(tokenizer):
     world = data.ShapesWorld(caption_noise=0.5, train_images=40)
     dataset = data.ShapesCaptions(world, 'train')
@@ -2287,6 +2293,12 @@ def test_text_only_rows_reach_the_loss_with_weight_1_whatever_their_gain(tiny_ba
     weight = [3.0, 1.0, 3.0]
     expected = sum(w * m * n for w, m, n in zip(weight, mean_ce, count)) / sum(w * n for w, n in zip(weight, count))
     torch.testing.assert_close(loss, expected)
+    with torch.no_grad():                                                        # the logged Δo: image rows only
+        logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+        targets = rows['labels'][:, 1:]
+        delta = cal.target_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets)['logit']
+    logged = cal.answer_loss(model, model, rows, model.cfg, use_cal=True)['delta']
+    torch.testing.assert_close(logged, delta[[0, 2]][targets[[0, 2]] != -100].mean())
 
 
 def test_text_only_frac_makes_that_share_of_stage_2_rows_captions_without_the_image(tiny_backbones):
@@ -2432,6 +2444,8 @@ def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, 
     (['--stage', '3'], "--stage '3' must be 1, 2 or both"),
     (['--cal_stages', '3'], "--cal_stages '3' must list stages 1 and/or 2"),
     (['--cal_window', '2'], 'an odd --cal_window (2)'),
+    (['--text_only_frac', '0.2', '--stage', '1'], '--text_only_frac mixes text-only rows into stage 2'),
+    (['--cal_gain', 'prob'], "--cal_gain 'prob' must be logit or logprob"),
     (['--caption_noise', '0.1', '--data', 'coco', '--data_root', '/tmp'], '--caption_noise corrupts ShapesWorld'),
     (['--lm_backbone', 'no-such-org/no-such-lm'], "unknown backbone 'no-such-org/no-such-lm'"),
     (['--image_text', ''], "--image_text '' gives no token; the image must not come first"),
