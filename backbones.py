@@ -9,7 +9,11 @@ backbones.py — the pretrained backbones every method starts from.
                first use and saved with save_pretrained, so they load through the same
                from_pretrained path as a real checkpoint, offline. None sees an image-text pair.
 
+  stand-ins    write_stand_ins: the --data coco presets' backbones (published architectures, random
+               weights) and a COCO-layout folder, so every preset runs end to end offline.
+
     python backbones.py    # build (or find) the three built-ins and print their unimodal quality
+    python backbones.py --paper_scale DIR [--tiny]   # paper-scale stand-ins (~11 GB; --tiny: MBs)
 """
 import json
 import math
@@ -375,11 +379,13 @@ VOCAB = SPECIAL_TOKENS + COLORS + SHAPES + PLURALS + SIZES + ATTRIBUTE_WORDS['po
 PROMPTS = ('a picture of', 'describe this image :', 'question :', 'answer :')  # all in VOCAB
 
 
-def build_tokenizer():
+def build_tokenizer(size=0):
     """ShapesWorld's word-level tokenizer behind the Hugging Face API (like BERT's): lowercases,
     splits on spaces and punctuation, adds [CLS] ... [SEP]; [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4
-    [DEC]=5 (decoder BOS, bos_token). save_pretrained / AutoTokenizer.from_pretrained round-trip."""
-    word_ids = {w: i for i, w in enumerate(VOCAB)}
+    [DEC]=5 (decoder BOS, bos_token). save_pretrained / AutoTokenizer.from_pretrained round-trip.
+    size: padded with [unused k] words to that many ids (a stand-in for a real vocabulary)."""
+    words = VOCAB + tuple(f'[unused{k}]' for k in range(size - len(VOCAB)))
+    word_ids = {w: i for i, w in enumerate(words)}
     core = tokenizers.Tokenizer(models.WordLevel(word_ids, unk_token='[UNK]'))
     core.normalizer = normalizers.Lowercase()
     core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -644,6 +650,76 @@ def load_tokenizer(name):
         raise unknown_backbone(name, 'tokenizer files', e) from None
 
 
+# ------------------------------------------------------------------------- paper-scale stand-ins
+# The presets' backbones with their published architectures and random weights, and a COCO-layout
+# folder of ShapesWorld scenes, so every --data coco preset runs end to end offline (and can be
+# timed on a GPU) before anyone downloads a checkpoint. The tokenizer is the built-in word-level one
+# padded to the real vocabulary size, so embeddings and output layers have their real shapes.
+_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072)
+STAND_INS = {  # folder (the Hub id's last part) -> (HF model class, config class, config)
+    'deit-base-patch16-224': ('DeiTModel', 'DeiTConfig', dict(_B16, image_size=224, patch_size=16)),
+    'vit-base-patch16-224-in21k': ('ViTModel', 'ViTConfig', dict(_B16, image_size=224,
+                                                                 patch_size=16)),
+    'clip-vit-base-patch32': ('CLIPVisionModel', 'CLIPVisionConfig',
+                              dict(_B16, image_size=224, patch_size=32, hidden_act='quick_gelu')),
+    'clip-vit-large-patch14-336': ('CLIPVisionModel', 'CLIPVisionConfig',
+                                   dict(hidden_size=1024, num_hidden_layers=24,
+                                        num_attention_heads=16, intermediate_size=4096,
+                                        image_size=336, patch_size=14, hidden_act='quick_gelu')),
+    'bert-base-uncased': ('BertForMaskedLM', 'BertConfig', dict(_B16, vocab_size=30522)),
+    'all-MiniLM-L6-v2': ('BertModel', 'BertConfig',
+                         dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                              intermediate_size=1536, vocab_size=30522)),
+    'Qwen2.5-0.5B-Instruct': ('Qwen2ForCausalLM', 'Qwen2Config',
+                              dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
+                                   num_key_value_heads=2, intermediate_size=4864, vocab_size=151936,
+                                   max_position_embeddings=32768, tie_word_embeddings=True)),
+    'Qwen2.5-1.5B-Instruct': ('Qwen2ForCausalLM', 'Qwen2Config',
+                              dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                                   num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                                   max_position_embeddings=32768, tie_word_embeddings=True)),
+}
+# --tiny: the same model types, depths and image sizes, 32 wide
+TINY = dict(hidden_size=32, num_attention_heads=4, intermediate_size=64, num_key_value_heads=2)
+
+
+def write_stand_ins(out, tiny=False, images=(256, 32, 32), image_size=384):
+    """Random-initialised paper-scale backbones in out/<name> (STAND_INS; tiny: TINY widths and the
+    built-in vocabulary) and a Karpathy-format COCO folder in out/coco: `images` ShapesWorld scenes
+    for train / val / test as JPEGs, 5 captions each. -> out."""
+    out = Path(out)
+    for name, (model_class, config_class, config) in STAND_INS.items():
+        if (out / name / 'config.json').is_file():
+            continue
+        config = dict(config, **{k: v for k, v in TINY.items() if tiny and k in config})
+        tokenizer = build_tokenizer(0 if tiny else config.get('vocab_size', 0))
+        if 'vocab_size' in config:
+            config['vocab_size'] = len(tokenizer)
+            tokenizer.save_pretrained(out / name)
+        torch.manual_seed(0)
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(**config))
+        model.save_pretrained(out / name)
+        print(f"{out / name}: {model_class}, {count_params(model) / 1e6:.1f}M parameters")
+    world, root = ShapesWorld(image_size=image_size), out / 'coco'
+    for split, n in zip(('train', 'val', 'test'), images):
+        folder = 'train2014' if split == 'train' else 'val2014'
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(n):
+            path = f"{folder}/COCO_{folder}_{split}{i:06d}.jpg"
+            world.image(split, i).save(root / path, quality=95)
+            captions = world.captions(split, i)
+            rows += ([dict(image=path, caption=c, image_id=f'{split}{i}') for c in captions]
+                     if split == 'train' else [dict(image=path, caption=captions)])
+        (root / f'coco_karpathy_{split}.json').write_text(json.dumps(rows))
+    print(f"{root}: {' / '.join(map(str, images))} train / val / test images")
+    return out
+
+
 if __name__ == '__main__':
-    for backbone in BUILTIN_BACKBONES:
-        print(backbone, (Path(builtin_backbone(backbone)) / 'quality.json').read_text())
+    import sys
+    if sys.argv[1:2] == ['--paper_scale'] and len(sys.argv) in (3, 4):
+        write_stand_ins(sys.argv[2], tiny=sys.argv[3:] == ['--tiny'])
+    else:
+        for backbone in BUILTIN_BACKBONES:
+            print(backbone, (Path(builtin_backbone(backbone)) / 'quality.json').read_text())

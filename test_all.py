@@ -2606,3 +2606,36 @@ def test_every_method_counts_flops_on_a_step_that_leaves_training_unchanged(name
     assert counted and all(flops > 0 for flops in counted)  # one count per stage
     plain, with_count = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('plain', 'counted'))
     assert_same_weights(plain['model'], with_count['model'], atol=0)
+
+
+def test_the_paper_scale_stand_ins_have_the_published_sizes():
+    import transformers
+    with torch.device('meta'):
+        sizes = {name: backbones.count_params(getattr(transformers, model)(getattr(transformers, config)(**kwargs)))
+                 for name, (model, config, kwargs) in backbones.STAND_INS.items()}
+    published = {'deit-base-patch16-224': 86.4, 'vit-base-patch16-224-in21k': 86.4, 'clip-vit-base-patch32': 87.5,
+                 'clip-vit-large-patch14-336': 303.5, 'bert-base-uncased': 109.5, 'all-MiniLM-L6-v2': 22.7,
+                 'Qwen2.5-0.5B-Instruct': 494.0, 'Qwen2.5-1.5B-Instruct': 1543.7}   # millions, the Hub's models
+    assert {name: round(n / 1e6, 1) for name, n in sizes.items()} == published
+
+
+def test_every_coco_preset_runs_end_to_end_on_tiny_paper_scale_stand_ins(tmp_path):
+    si = backbones.write_stand_ins(tmp_path / 'si', tiny=True, images=(8, 2, 2))
+    assert len(json.loads((si / 'coco' / 'coco_karpathy_train.json').read_text())) == 8 * 5
+    common_flags = ['--data', 'coco', '--data_root', str(si / 'coco'), '--batch_size', '2']
+    runs = [(ae, ['--vision_backbone', 'deit-base-patch16-224', '--text_backbone', 'bert-base-uncased',
+                  '--max_steps', '2']),
+            (bgs, ['--vision_backbone', 'vit-base-patch16-224-in21k', '--text_backbone', 'bert-base-uncased',
+                   '--max_steps', '2']),
+            (cal, ['--vision_backbone', 'clip-vit-large-patch14-336', '--lm_backbone', 'Qwen2.5-0.5B-Instruct',
+                   '--stage1_steps', '1', '--max_steps', '1']),
+            (a2p, ['--vision_backbone', 'clip-vit-base-patch32', '--text_backbone', 'all-MiniLM-L6-v2',
+                   '--lm_backbone', 'Qwen2.5-1.5B-Instruct', '--stage1_steps', '1', '--max_steps', '1'])]
+    for module, argv in runs:
+        argv = [str(si / a) if (si / a).is_dir() else a for a in argv]      # backbone names -> stand-in folders
+        module.main(common_flags + argv + ['--out_dir', str(tmp_path / module.METHOD)])
+        config = json.loads((tmp_path / module.METHOD / 'config.json').read_text())
+        preset = module.PRESETS['coco']
+        assert config['image_size'] == preset['image_size']                   # the preset, not the shapes one
+        metrics = json.loads((tmp_path / module.METHOD / 'metrics.json').read_text())
+        assert {'train_samples_per_s', 'peak_mem_mb'} <= set(metrics), module.METHOD
