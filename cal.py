@@ -394,7 +394,7 @@ def log_normaliser(logits):  # (B, T, V) -> (B, T) fp32 log-sum-exp, a row at a 
 
 
 def target_gain(model, x, mask, start, logits, targets, kinds=('logit',)):
-    """Δo (B, T) of each kind: 'logit', the raw logit of each ground-truth next token with the image
+    """Δo (B, T) of each kind: 'logit', the raw logit of each true next token with the image
     minus without it (the paper's: not softmax); 'logprob', the same for its log-probability (the
     logit minus the log-sum-exp over the vocabulary, so a gain every candidate shares, as when the
     image only makes the model more confident, cancels). T = L - 1, the shifted positions; fp32;
@@ -407,15 +407,14 @@ def target_gain(model, x, mask, start, logits, targets, kinds=('logit',)):
     # len(text) positions (its last one predicts past the end, as the full pass's last one does)
     text = torch.cat([torch.arange(start), torch.arange(start + N, T)]).to(x.device)
     without = model.logits_without_image(x, mask, start)[:, :len(text)]  # (B, len(text), V)
+    with_image = logits.gather(-1, index).squeeze(-1).float()[:, text]   # (B, len(text))
+    no_image = without.gather(-1, index[:, text]).squeeze(-1).float()    # (B, len(text))
     gains = {}
     for kind in kinds:
-        with_image = logits.gather(-1, index).squeeze(-1).float()         # (B, T)
-        no_image = without.gather(-1, index[:, text]).squeeze(-1).float()  # (B, len(text))
-        if kind == 'logprob':
-            with_image = with_image - log_normaliser(logits)
-            no_image = no_image - log_normaliser(without)
-        gains[kind] = torch.zeros_like(with_image)
-        gains[kind][:, text] = with_image[:, text] - no_image
+        gain = with_image - no_image
+        if kind == 'logprob':  # minus each pass's own log-sum-exp over the vocabulary
+            gain = gain - log_normaliser(logits)[:, text] + log_normaliser(without)
+        gains[kind] = torch.zeros(targets.shape, device=x.device).index_copy(1, text, gain)
     return gains
 
 
@@ -548,7 +547,7 @@ def gain_study(model, cfg, world, device, split='val'):
 
 
 def draw_gain_histogram(gains, cfg, path, bins=48):
-    """PNG: the histogram of the logit gain Δo of each of GAIN_GROUPS, one panel each on a shared
+    """PNG: the histogram of the logit gain Δo of each of GAIN_GROUPS, a panel each on a shared
     axis (each panel scaled to its own highest bin), the clamp [alpha, beta] marked in red: the
     paper chose its clamp from such a histogram."""
     everything = torch.cat(list(gains.values()))
@@ -563,18 +562,16 @@ def draw_gain_histogram(gains, cfg, path, bins=48):
         counts = torch.histc(values.clamp(lo, hi), bins, lo, hi)
         for b, count in enumerate((counts / counts.max().clamp(min=1)).tolist()):
             x0 = pad + b * W / bins
-            draw.rectangle((x0, top + H * (1 - count), x0 + W / bins - 1, top + H),
-                           fill=(70, 110, 200))
+            draw.rectangle((x0, top + H * (1 - count), x0 + W / bins - 1, top + H), fill='blue')
         for bound in (cfg.cal_alpha, cfg.cal_beta):
-            draw.line((x_of(bound), top, x_of(bound), top + H), fill=(220, 40, 40), width=2)
+            draw.line((x_of(bound), top, x_of(bound), top + H), fill='red', width=2)
         draw.line((pad, top + H, pad + W, top + H), fill='black')
         draw.text((pad, top - 16), f'{group}: {len(values)} tokens, mean {values.mean():.2f}',
                   fill='black', font=font)
         for tick in range(math.ceil(lo), math.floor(hi) + 1, max(1, round((hi - lo) / 10))):
             draw.text((x_of(tick) - 4, top + H + 2), str(tick), fill='black', font=font)
-    draw.text((pad, len(gains) * (H + pad) + 26), f'delta o (logit gain, clipped to [{lo:.1f}, '
-              f'{hi:.1f}]); red: the clamp [{cfg.cal_alpha:g}, {cfg.cal_beta:g}]', fill='black',
-              font=font)
+    axis = f'delta o, the logit gain, clipped to [{lo:.1f}, {hi:.1f}]; red: the clamp [alpha, beta]'
+    draw.text((pad, len(gains) * (H + pad) + 26), axis, fill='black', font=font)
     canvas.save(path)
     return path
 
