@@ -2326,6 +2326,22 @@ def test_the_logprob_gain_subtracts_each_pass_log_normaliser_on_hand_made_logits
                                                           (1 - lse([0, 3, 1])) - (1 - lse([0, 0, 1]))])
 
 
+def test_cal_gain_chooses_the_gain_the_weights_come_from(tiny_backbones):
+    model = cal_model(tiny_backbones, '--cal_alpha', '1e-3', '--cal_beta', '1e3')  # the weights follow each gain
+    rows = cal_rows(model)
+    with torch.no_grad():
+        logit = cal.answer_loss(model, model, rows, model.cfg, use_cal=True)
+        logprob = cal.answer_loss(model, model, rows, replace(model.cfg, cal_gain='logprob'), use_cal=True)
+        logits, x = model(rows['input_ids'], rows['image'], rows['image_start'], rows['attention_mask'])
+        targets = rows['labels'][:, 1:]
+        gains = cal.target_gain(model, x, rows['attention_mask'], rows['image_start'], logits[:, :-1], targets,
+                                ('logit', 'logprob'))
+    answer = targets != -100
+    for losses, kind in ((logit, 'logit'), (logprob, 'logprob')):
+        torch.testing.assert_close(losses['delta'], gains[kind][answer].mean())
+    assert not torch.isclose(logit['loss'], logprob['loss'])
+
+
 def test_gain_study_puts_each_token_in_its_group(tiny_backbones, monkeypatch):
     model = cal_model(tiny_backbones, '--eval_images', '6', '--batch_size', '4')
     world = data.ShapesWorld(seed=0)
