@@ -10,8 +10,9 @@ Papers: BLIP, "Bootstrapping Language-Image Pre-training", Li et al., ICML 2022,
 The idea in three sentences. BLIP captions an image with a BERT-style decoder whose every layer runs
 causal self-attention over the caption so far, then cross-attention to the image tokens, then an
 FFN. Soft token gating lets each caption token scale how loudly it is heard: a small MLP maps its
-hidden state to g in (0, 2) that multiplies its key and value in self-attention (g = 1 at the start,
-so training starts from plain BLIP). Post-computation top-k sparsity lets each query keep only its
+hidden state to g in (0, 2), and every query's attention weight on that token is multiplied by g
+(log g added to the scores: a soft mask; g = 1 at the start, so training starts from plain
+BLIP). Post-computation top-k sparsity lets each query keep only its
 ceil((1 - s) * n) highest scores among its n visible keys and sends the rest to the softmax's floor:
 the score matrix is still computed in full, only the mixing is sparse.
 
@@ -57,7 +58,7 @@ class Config(common.RunConfig):
     prompt: str = 'a picture of '   # BLIP's captioning prompt: prepended,
                                     # excluded from the loss and the output
     label_smoothing: float = 0.1    # BLIP's captioning loss
-    gate: str = 'kv'                # kv (scale each token's key and value in self-attention)
+    gate: str = 'kv'                # kv (each token's self-attention weight x g: log g added)
                                     # | hidden | off
     sparsity: float = 0.7           # fraction of each query's visible keys dropped
                                     # after the scores (0 = dense)
@@ -81,7 +82,7 @@ REAL = dict(vision_backbone='google/vit-base-patch16-224-in21k', text_backbone='
             latent_scale=0.13025)  # --image_input latents: files of raw SDXL-VAE latents
 PRESETS = {
     'shapes': dict(batch_size=64, max_steps=1200, lr=5e-4, warmup_steps=100, weight_decay=0.05,
-                   eval_every=200, log_every=20),
+                   eval_every=100, log_every=20),
     'coco': REAL, 'flickr30k': REAL, 'json': REAL,
 }
 
@@ -142,35 +143,43 @@ class TopK:
         self.sparsity, self.counting, self.query_mask = sparsity, False, None
         self.kept, self.visible = 0, 0
 
+    def keep_count(self, n):  # visible keys (tensor) -> kept keys max(1, ceil((1 - sparsity) n))
+        # (1 - 0.7) * 10 is 3.0000000000000004: round before the ceil
+        return ((1 - self.sparsity) * n.double() * 1e9).round().div(1e9).ceil().clamp(min=1).long()
+
     def __call__(self, scores, mask):  # scores (B, H, Lq, Lk) masked; mask additive or None
-        low = torch.finfo(scores.dtype).min
-        visible = (torch.ones_like(scores, dtype=torch.bool) if mask is None
-                   else (mask > torch.finfo(mask.dtype).min / 2).expand_as(scores))
-        n = visible.sum(-1, keepdim=True)                                        # (B, H, Lq, 1)
-        # (1 - 0.7) * 10 is 3.0000000000000004
-        kept_share = ((1 - self.sparsity) * n.double() * 1e9).round() / 1e9
-        k = kept_share.ceil().clamp(min=1).long()
-        ranked = scores.masked_fill(~visible, -math.inf).sort(-1, descending=True).values
-        # k-th largest visible score
-        tau = ranked.gather(-1, (k - 1).clamp(max=scores.shape[-1] - 1))
-        keep = visible & (scores >= tau)
+        low, n_keys = torch.finfo(scores.dtype).min, scores.shape[-1]
+        k_max = int(self.keep_count(torch.tensor(n_keys)))  # the most any query keeps
+        with torch.no_grad():  # the threshold carries no gradient
+            if mask is None:  # every key visible: one k for all queries
+                visible = torch.ones((), dtype=torch.bool, device=scores.device)
+                tau = scores.topk(k_max, -1).values[..., -1:]                     # (B, H, Lq, 1)
+            else:
+                visible = mask > torch.finfo(mask.dtype).min / 2                 # (B, 1, Lq, Lk)
+                k = self.keep_count(visible.sum(-1, keepdim=True))               # (B, 1, Lq, 1)
+                # a partial sort to k_max, not a full sort of the row: the k-th largest visible
+                top = scores.masked_fill(~visible, -math.inf).topk(k_max, -1).values
+                tau = top.gather(-1, (k - 1).expand(*scores.shape[:-1], 1))      # (B, H, Lq, 1)
+        keep = visible & (scores >= tau)                                         # ties all kept
         if self.counting:
             rows = self.query_mask.bool()[:, None, :, None]                      # (B, 1, Lq, 1)
             self.kept += (keep & rows).sum().item()
-            self.visible += (visible & rows).sum().item()
+            self.visible += (visible.expand_as(scores) & rows).sum().item()
         return scores.masked_fill(~keep, low)
 
 
 class GatedSparseAttention(backbones.Attention):
     """The decoder's multi-head attention with both techniques on one screen (the parameters are
     those of backbones.Attention, so BERT's weights load into it by the same key map):
-      1. soft token gating: each token's key and value are multiplied by its gate g (B, L), so a
-         token with g < 1 is heard less by every later token;
+      1. soft token gating as a soft mask: log g_j is added to every query's score for key j, so
+         key j's weight is proportional to g_j * exp(s_ij); a token with g < 1 is heard less by
+         every later token whatever the sign of its score (scaling the key instead would raise
+         the weight of a key whose score is negative), and g = 1 changes nothing;
       2. post-computation top-k: the full score matrix is computed and masked, then each query
          keeps only its top-k visible scores (self.topk, a TopK; None = dense, and the fused SDPA
-         kernel runs).
-    `past` holds the keys and values of the tokens decoded so far (gated already): a cached
-    decoding step attends to them and to its own, and gets teacher forcing's result.
+         kernel runs, the gate inside its additive mask).
+    `past` holds the keys, values and log-gates of the tokens decoded so far: a cached decoding
+    step attends to them and to its own, and gets teacher forcing's result.
     `context_kv` holds the context's keys and values projected already: the image is the same at
     every decoding step, so its keys and values are projected once and reused."""
     topk = None
@@ -179,8 +188,9 @@ class GatedSparseAttention(backbones.Attention):
                 context_kv=None):
         """x (B, Lq, D), context (B, Lk, kv_dim) or None, mask additive (B, 1, Lq, Lk),
         gate (B, Lq) or None, context_kv (k, v) each (B, H, Lk, Dh) or None (project context)
-        -> out (B, Lq, D), probs (B, H, Lq, Lk) or None, (k, v) each (B, H, past + Lq, Dh) for
-        the cache (cross-attention: the context's, to pass back as context_kv)."""
+        -> out (B, Lq, D), probs (B, H, Lq, Lk) or None, the cache: (k, v) each
+        (B, H, past + Lq, Dh), and the log-gates (B, past + Lq) when gated (cross-attention:
+        the context's (k, v), to pass back as context_kv)."""
         context = x if context is None else context
         split = lambda t: t.view(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2)
         q = split(self.q(x))                                                     # (B, H, Lq, Dh)
@@ -188,31 +198,37 @@ class GatedSparseAttention(backbones.Attention):
             k, v = split(self.k(context)), split(self.v(context))                # (B, H, Lk, Dh)
         else:  # projected at an earlier decoding step
             k, v = context_kv
-        if gate is not None:  # a suppressed token is heard less by every later token
-            k, v = k * gate[:, None, :, None], v * gate[:, None, :, None]
+        floor, tiny = torch.finfo(q.dtype).min, torch.finfo(q.dtype).tiny
+        # (B, Lq); a pad's g = 0 is lifted to tiny (its key is masked already): no log 0 -> nan
+        log_gate = None if gate is None else torch.log(gate.to(q.dtype).clamp(min=tiny))
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+            log_gate = None if gate is None else torch.cat([past[2], log_gate], 1)
         # summed masks can reach -inf: clamp, so a row with no visible key stays finite
         if mask is not None:
-            mask = mask.to(q.dtype).clamp(min=torch.finfo(q.dtype).min)
+            mask = mask.to(q.dtype).clamp(min=floor)
+        # the gate as a soft mask: score_ij + log g_j
+        bias = mask if gate is None else (mask + log_gate[:, None, None, :]).clamp(min=floor)
         p_drop = self.dropout if self.training else 0.0
         probs = None
         if self.topk is None and not return_attn:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p_drop)
         else:
             scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])             # (B, H, Lq, Lk)
-            scores = scores if mask is None else scores + mask
-            # every score outside a query's top k goes to the softmax's floor
+            scores = scores if bias is None else scores + bias
+            # every score outside a query's top k goes to the softmax's floor (what a query can
+            # see comes from the mask; the gate only moves scores)
             if self.topk is not None:
                 scores = self.topk(scores, mask)
             probs = torch.softmax(scores.float(), dim=-1).to(v.dtype)
             out = F.dropout(probs, p_drop, self.training) @ v                     # (B, H, Lq, Dh)
-        return self.proj(out.transpose(1, 2).flatten(2)), probs, (k, v)
+        cache = (k, v) if gate is None else (k, v, log_gate)
+        return self.proj(out.transpose(1, 2).flatten(2)), probs, cache
 
 
 class DecoderLayer(backbones.BertLayer):
     """BLIP's decoder layer: a post-LN BERT layer built with GatedSparseAttention: causal
-    self-attention over the caption (gated keys and values, cached when decoding)
+    self-attention over the caption (gated as a soft mask, cached when decoding)
     -> cross-attention to the image tokens -> FFN."""
 
     def __init__(self, *args, **kwargs):
@@ -318,8 +334,9 @@ class Decoder(nn.Module):
     def forward(self, ids, image, mask=None, cache=None, return_attn=False):
         """ids (B, L), image tokens (B, M, Dv), mask (B, L) 0/1 -> logits (B, L, V)
         [, self-attention probs per layer]. cache: a list (empty at the start) that keeps, per
-        layer, (k, v, image_k, image_v): the gated keys and values so far (B, H, past + L, Dh) and
-        the cross-attention keys and values of the image (B, H, M, Dh), projected on the first call
+        layer, (k, v[, log_gate], image_k, image_v): the keys and values so far
+        (B, H, past + L, Dh), their log-gates (B, past + L) under --gate kv, and the
+        cross-attention keys and values of the image (B, H, M, Dh), projected on the first call
         only (the image must be the same at every call); called again with the next tokens it
         continues the sequence (no padding then), giving teacher forcing's logits."""
         past = cache[0][0].shape[2] if cache else 0
@@ -340,8 +357,8 @@ class Decoder(nn.Module):
                 x = x * g[..., None]
             # keys decoded so far, and the image's keys and values (None: not projected yet)
             past_kv, image_kv = None, None
-            if cache is not None and len(cache) > i:
-                past_kv, image_kv = cache[i][:2], cache[i][2:]
+            if cache is not None and len(cache) > i:  # (k, v[, log-gate], image k, image v)
+                past_kv, image_kv = cache[i][:-2], cache[i][-2:]
             kv_gate = g if self.gate == 'kv' else None
             x, probs, kv, image_kv = layer(x, attn_mask, image, kv_gate, past_kv, return_attn,
                                            image_kv)
@@ -449,9 +466,9 @@ class Captioner(nn.Module):
             scores, new = top.gather(1, alive), token.gather(1, alive).flatten()  # (B, K), (B*K,)
             tokens = torch.cat([tokens[source], new[:, None]], 1)                # (B*K, t+1)
             if kv_cache:
-                # the image's keys and values need no reordering: source picks rows within each
-                # image's own K rows, and those all hold the same image
-                cache[:] = [(k[source], v[source], ik, iv) for k, v, ik, iv in cache]
+                # the image's keys and values (the last two) need no reordering: source picks
+                # rows within each image's own K rows, and those all hold the same image
+                cache[:] = [(*(t[source] for t in layer[:-2]), *layer[-2:]) for layer in cache]
                 logits = self.decoder(new[:, None], image, cache=cache)[:, -1]
             else:
                 logits = self.decoder(torch.cat([prompt, tokens], 1), image)[:, -1]

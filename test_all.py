@@ -1856,6 +1856,49 @@ def test_topk_is_exact_on_a_hand_case_with_a_tie_and_counts_kept_connections():
     assert (topk.kept, topk.visible) == (4, 7)
 
 
+def test_topk_threshold_from_a_partial_sort_keeps_the_full_sort_kept_set_ties_included():
+    def full_sort(scores, mask, sparsity):  # the threshold from a full descending sort of each row
+        visible = (torch.ones_like(scores, dtype=torch.bool) if mask is None
+                   else (mask > torch.finfo(mask.dtype).min / 2).expand_as(scores))
+        n = visible.sum(-1, keepdim=True)
+        k = ((1 - sparsity) * n.double() * 1e9).round().div(1e9).ceil().clamp(min=1).long()
+        ranked = scores.masked_fill(~visible, -math.inf).sort(-1, descending=True).values
+        return visible & (scores >= ranked.gather(-1, k - 1))
+
+    torch.manual_seed(0)
+    low = torch.finfo(torch.float32).min
+    for sparsity in (0.3, 0.5, 0.7, 0.9):
+        topk = bgs.TopK(sparsity)
+        for L, Lk in ((7, 7), (5, 65)):
+            scores = torch.randint(-3, 4, (3, 2, L, Lk)).float()                # many ties
+            lengths = torch.tensor([Lk, Lk // 2, 1])
+            keys = (torch.arange(Lk)[None] < lengths[:, None]).long()
+            masks = [None, padding_mask(keys)] + ([padding_mask(keys) + causal_mask(L)] if L == Lk else [])
+            for mask in masks:
+                masked = scores if mask is None else scores + mask.clamp(min=low)
+                kept = topk(masked, mask) > low / 2
+                assert torch.equal(kept, full_sort(masked, mask, sparsity)), (sparsity, L, mask is None)
+
+
+def test_gate_as_soft_mask_lowers_that_keys_weight_in_every_row_whatever_the_sign_of_its_score():
+    torch.manual_seed(0)
+    B, H, L, j = 2, 2, 6, 1
+    attention = bgs.GatedSparseAttention(16, H).eval()
+    x, mask = torch.randn(B, L, 16), causal_mask(L)[None, None]
+    q, k = (attention.q(x).view(B, L, H, -1).transpose(1, 2), attention.k(x).view(B, L, H, -1).transpose(1, 2))
+    scores = (q @ k.transpose(-2, -1))[:, :, j:, j]                             # key j, the rows that see it
+    assert (scores < 0).any() and (scores > 0).any()                           # both signs
+    gate = torch.ones(B, L)
+    _, before, _ = attention(x, mask=mask, gate=gate, return_attn=True)
+    _, plain, _ = attention(x, mask=mask, return_attn=True)
+    assert torch.equal(before, plain)                                            # g = 1: no change at all
+    gate[:, j] = 0.3
+    _, after, _ = attention(x, mask=mask, gate=gate, return_attn=True)
+    assert (after[:, :, j:, j] < before[:, :, j:, j]).all()                     # every row hears key j less
+    weight = before[:, :, j:, j] * 0.3 / (1 - 0.7 * before[:, :, j:, j])         # g_j exp(s_ij) / sum
+    assert torch.allclose(after[:, :, j:, j], weight, atol=1e-6)
+
+
 def test_attn_kept_frac_counts_the_rows_of_real_tokens_only():
     topk = bgs.TopK(0.5)
     topk.counting, topk.query_mask = True, torch.tensor([[1, 1, 1, 0]])          # the 4th token is padding
@@ -1915,7 +1958,12 @@ def test_gate_parameters_receive_gradient(tiny_backbones, gate):
     ids, mask, labels = model.tokenize(['a small red circle', 'a blue square'])
     model(torch.randn(2, 3, 64, 64), ids, mask, labels).backward()
     for gate_module in model.decoder.gates:
-        assert gate_module.w2.weight.grad.abs().sum() > 0 and gate_module.w2.bias.grad.abs() > 0
+        weight_grad, bias_grad = gate_module.w2.weight.grad.abs().sum(), gate_module.w2.bias.grad.abs()
+        assert weight_grad > 0
+        if gate == 'kv':  # a soft mask: log g shifted alike on every key cancels in the softmax
+            assert bias_grad < 1e-5 * weight_grad
+        else:
+            assert bias_grad > 0
 
 
 def test_prompt_bos_and_pad_labels_are_minus_100_and_the_caption_and_sep_are_learned(tiny_backbones):
