@@ -1909,6 +1909,17 @@ def test_attn_kept_frac_counts_the_rows_of_real_tokens_only():
     assert (topk.kept, topk.visible) == (4, 6)
 
 
+def test_bench_times_its_rows_in_interleaved_rounds_and_prints_each_against_the_first(tiny_backbones, capsys):
+    import bench
+    calls = []
+    seconds = bench.interleaved({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, rounds=3, warmup=1)
+    assert calls == ['a', 'b'] + ['a', 'b'] * 3 and set(seconds) == {'a', 'b'}  # warm-up, then turns
+    bench.main(['blip', '--rounds', '1'])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert [line.split(' | ')[0][2:] for line in table[1:]] == list(bench.BLIP_ROWS)
+    assert table[1].endswith('| 1.000x |')
+
+
 def test_steps_to_a_fraction_of_the_best_val_cider_read_from_the_log(tmp_path):
     rows = [dict(step=10, loss=2.0), dict(step=10, val_cider=40.0), dict(step=20, val_cider=92.0),
             dict(step=30, val_cider=100.0), dict(step=40, val_cider=97.0)]
