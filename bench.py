@@ -4,7 +4,7 @@ interleaved rounds (row 1, row 2, ..., row 1, row 2, ...), so a slow moment of t
 every row alike; a row's time is its median over the rounds, and the table gives each row against
 the first.
 
-    python bench.py blip                  # BLIP training step: dense, gate, top-k, the default, latents
+    python bench.py blip                  # BLIP training step: dense, gate, top-k, default, latents
     python bench.py blip --rounds 30 --device cuda --dtype bfloat16
 """
 import argparse
