@@ -650,6 +650,24 @@ def load_tokenizer(name):
         raise unknown_backbone(name, 'tokenizer files', e) from None
 
 
+
+def release_config(name, model_type):
+    """--init_from: None for a nanoalign checkpoint (a file, or a path ending in .pt), else the
+    config of the released Hugging Face model in folder or Hub id `name` (e.g. a BLIP captioner or
+    a LLaVA model), which must be of `model_type` ('blip', 'llava')."""
+    if not name or Path(name).suffix == '.pt' or Path(name).is_file():
+        return None
+    try:
+        config = transformers.AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--init_from {name}: neither a checkpoint file nor a released model that "
+                        f"transformers can read ({type(e).__name__}); give a ckpt.pt, or a folder "
+                        f"or Hub id of a {model_type} model") from None
+    if config.model_type != model_type:
+        raise UserError(f"--init_from {name} is a released {config.model_type} model; this method "
+                        f"starts from {model_type} models (or a ckpt.pt of its own)")
+    return config
+
 # ------------------------------------------------------------------------- paper-scale stand-ins
 # The presets' backbones with their published architectures and random weights, and a COCO-layout
 # folder of ShapesWorld scenes, so every --data coco preset runs end to end offline (and can be
