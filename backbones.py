@@ -278,19 +278,21 @@ def copy_hf_weights(module, hf_state, key_map):
 
 
 def vit_from_hf(hf_model, image_size=None):
-    """HF ViTModel / DeiTModel / CLIPVisionModel (or a model wrapping one) -> VisionTransformer
-    whose output equals HF's last_hidden_state. image_size other than the checkpoint's
-    interpolates the position embeddings. Not copied: ViT/DeiT's pooler (dense+tanh, unused by the
-    methods) and the MIM mask token."""
+    """HF ViTModel / DeiTModel / CLIPVisionModel / BlipVisionModel (or a model wrapping one) ->
+    VisionTransformer whose output equals HF's last_hidden_state. image_size other than the
+    checkpoint's interpolates the position embeddings. Not copied: ViT/DeiT's pooler (dense+tanh,
+    unused by the methods) and the MIM mask token."""
     for attr in ('vision_model', 'vit', 'deit'):  # CLIPModel, *ForImageClassification wrap it
         hf_model = getattr(hf_model, attr, hf_model)
     c = hf_model.config
-    if c.model_type not in ('vit', 'deit', 'clip_vision_model'):
-        raise ValueError(f"vit_from_hf supports ViT, DeiT and CLIP vision models, "
+    if c.model_type not in ('vit', 'deit', 'clip_vision_model', 'blip_vision_model'):
+        raise ValueError(f"vit_from_hf supports ViT, DeiT, CLIP and BLIP vision models, "
                          f"got {c.model_type!r}")
     clip, image_size = c.model_type == 'clip_vision_model', image_size or c.image_size
+    state = hf_model.state_dict()
+    channels = getattr(c, 'num_channels', 3)  # BLIP's config has none: RGB
     vit = VisionTransformer(image_size, c.patch_size, c.hidden_size, c.num_hidden_layers,
-                            c.num_attention_heads, c.intermediate_size, c.num_channels,
+                            c.num_attention_heads, c.intermediate_size, channels,
                             distill_token=c.model_type == 'deit', pre_norm=clip,
                             final_norm=not clip, patch_bias=not clip, act=c.hidden_act,
                             eps=c.layer_norm_eps, qkv_bias=getattr(c, 'qkv_bias', True))
@@ -303,6 +305,16 @@ def vit_from_hf(hf_model, image_size=None):
         block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.out_proj', 'norm2': 'layer_norm2',
                  'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
                  **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}}
+    elif c.model_type == 'blip_vision_model':  # pre-LN blocks, one fused qkv, LN on every token
+        key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding',
+                   'patch_embed': e + 'patch_embedding', 'norm': 'post_layernorm'}
+        layer = 'encoder.layers.{}.'
+        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.projection',
+                 'norm2': 'layer_norm2', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
+                 **{f'attn.{t}': f'self_attn.{t}' for t in 'qkv'}}
+        for key in [k for k in state if '.self_attn.qkv.' in k]:  # rows: q, k, v (all heads)
+            for t, part in zip('qkv', state.pop(key).chunk(3)):
+                state[key.replace('.qkv.', f'.{t}.')] = part
     else:
         key_map = {'cls_token': e + 'cls_token', 'dist_token': e + 'distillation_token',
                    'pos_embed': e + 'position_embeddings',
@@ -314,7 +326,6 @@ def vit_from_hf(hf_model, image_size=None):
     for i in range(c.num_hidden_layers):
         key_map.update({f'blocks.{i}.{ours}': layer.format(i) + theirs
                         for ours, theirs in block.items()})
-    state = hf_model.state_dict()
     pos = state[key_map['pos_embed']].reshape(1, -1, c.hidden_size)
     grid = image_size // c.patch_size
     state[key_map['pos_embed']] = interpolate_pos_embed(pos, vit.n_special, grid)
@@ -335,22 +346,28 @@ _BERT_LAYER_KEYS = {  # our BertLayer module -> HF BertLayer module
 
 
 def bert_from_hf(hf_model, cross_layers=(), cross_dim=None, layer_class=None):
-    """HF BertModel or BertForMaskedLM -> (BertEmbeddings, nn.ModuleList of BertLayer, MLMHead,
-    new_keys). layer_class: a subclass of BertLayer (same parameters, its own forward) to build the
-    layers with. Layers whose index is in cross_layers get cross-attention to a context of width
-    cross_dim (default hidden); its weights are new unless the HF model has them. The MLM head
-    comes from BertForMaskedLM.cls.predictions (new for a bare BertModel). new_keys lists every
-    parameter left at init, for the caller to report. Dropout: HF's hidden_dropout_prob is used
-    for hidden states and attention probabilities alike."""
+    """HF BertModel or BertForMaskedLM (or BLIP's text decoder) -> (BertEmbeddings, nn.ModuleList
+    of BertLayer, MLMHead, new_keys). layer_class: a subclass of BertLayer (same parameters, its
+    own forward) to build the layers with. Layers whose index is in cross_layers get
+    cross-attention to a context of width cross_dim (default hidden); its weights are new unless
+    the HF model has them. The MLM head comes from BertForMaskedLM.cls.predictions (new for a
+    bare BertModel). new_keys lists every parameter left at init, for the caller to report.
+    Dropout: HF's hidden_dropout_prob is used for hidden states and attention probabilities
+    alike."""
     bert = getattr(hf_model, 'bert', hf_model)
     c, state, p = bert.config, hf_model.state_dict(), 'bert.' if bert is not hf_model else ''
-    emb = BertEmbeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, c.type_vocab_size,
+    # BLIP's text model has no token types: one zero row, so the sum is HF's
+    type_vocab = getattr(c, 'type_vocab_size', 1)
+    emb = BertEmbeddings(c.vocab_size, c.hidden_size, c.max_position_embeddings, type_vocab,
                          c.layer_norm_eps, c.hidden_dropout_prob, c.pad_token_id)
     e = p + 'embeddings.'
     new = copy_hf_weights(emb, state, {'word': e + 'word_embeddings',
                                        'position': e + 'position_embeddings',
                                        'token_type': e + 'token_type_embeddings',
                                        'norm': e + 'LayerNorm'})
+    if not hasattr(c, 'type_vocab_size'):
+        nn.init.zeros_(emb.token_type.weight)
+        new.remove('token_type.weight')
     layers = nn.ModuleList()
     for i in range(c.num_hidden_layers):
         layers.append((layer_class or BertLayer)(

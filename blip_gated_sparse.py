@@ -20,6 +20,8 @@ the score matrix is still computed in full, only the mixing is sparse.
     python blip_gated_sparse.py --gate off --sparsity 0    # plain BLIP (the ablation's dense row)
     python blip_gated_sparse.py --image_input latents      # VAE latents instead of pixels
     python blip_gated_sparse.py --data coco --data_root /data/coco   # ViT-B/16 + BERT-base, 384 px
+    python blip_gated_sparse.py --data coco --data_root /data/coco \
+        --init_from Salesforce/blip-image-captioning-base     # from the released captioner
     python blip_gated_sparse.py --data json --ann_file caps.json --image_input latents
                                                            # rows {latent, caption}
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import transformers
 
 import backbones
 import common
@@ -382,6 +385,15 @@ def decoder_tokenizer(name):
     return tokenizer
 
 
+def released_captioner(name):
+    """A released Hugging Face BLIP captioner (BlipForConditionalGeneration, a folder or Hub id such
+    as Salesforce/blip-image-captioning-base) -> (its ViT, its text decoder): Captioner maps them
+    by the key maps of a ViT and a BERT, the decoder's cross-attention included, so with
+    --gate off --sparsity 0 the captioner is the released model (its gates, new, start at 1)."""
+    blip = transformers.BlipForConditionalGeneration.from_pretrained(name, dtype=torch.float32)
+    return blip.vision_model, blip.text_decoder
+
+
 class Captioner(nn.Module):
     """Image encoder (a ViT over pixels, or the latent encoder) + the gated, sparse decoder."""
 
@@ -611,10 +623,15 @@ def main(argv=None):
     world = ShapesWorld(seed=0, image_size=cfg.image_size) if cfg.data == 'shapes' else None
     if not cfg.predict:  # fail early on a bad path or the wrong row kind
         build_dataset(cfg, 'test', world, image_input=cfg.image_input, max_images=1)
-    tokenizer = decoder_tokenizer(cfg.text_backbone)
-    vision = (backbones.load_backbone(cfg.vision_backbone, 'vision')
-              if cfg.image_input == 'pixels' else None)
-    text = backbones.load_backbone(cfg.text_backbone, 'mlm')
+    # --init_from a released BLIP: its weights and tokenizer replace the backbones
+    release = None if cfg.predict else backbones.release_config(cfg.init_from, 'blip')
+    tokenizer = decoder_tokenizer(cfg.init_from if release else cfg.text_backbone)
+    if release:
+        vision, text = released_captioner(cfg.init_from)
+    else:
+        vision = (backbones.load_backbone(cfg.vision_backbone, 'vision')
+                  if cfg.image_input == 'pixels' else None)
+        text = backbones.load_backbone(cfg.text_backbone, 'mlm')
     model = Captioner(cfg, tokenizer, vision, text).to(run.device)
     if run.is_main:
         gate_params = backbones.count_params(model.decoder.gates or nn.Module())
@@ -626,7 +643,8 @@ def main(argv=None):
             predict(model, cfg, run)
         return
     if cfg.eval_only:
-        common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
+        if not release:
+            common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         if run.is_main:
             metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
             print(common.write_metrics(cfg, metrics))
@@ -637,7 +655,7 @@ def main(argv=None):
     start = 0
     if cfg.resume:
         start = common.load_into(out / 'ckpt.pt', METHOD, model, optimizer, SHAPE_FLAGS)['step']
-    elif cfg.init_from:
+    elif cfg.init_from and not release:
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     train_set = build_dataset(cfg, 'train', world, image_input=cfg.image_input)
     batch_stream = partial(train_batches, train_set, cfg.batch_size,

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from PIL import Image
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
@@ -2210,6 +2211,61 @@ def test_blip_predict_captions_each_image_from_the_checkpoint_alone(tiny_backbon
     with pytest.raises(UserError, match='written by cal, not blip_gated_sparse'):
         bgs.main(['--predict', str(images[0]), '--init_from', str(tmp_path / 'other.pt')])
 
+
+
+def save_tiny_blip_release(folder):
+    """A random BlipForConditionalGeneration (ViT 32 px, 2 + 2 layers, 32 wide, the built-in vocabulary) saved as a
+    release folder with its tokenizer; weights drawn wider than HF's init so that captions are not all ties."""
+    tokenizer = backbones.build_tokenizer()
+    ids = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+    small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+    config = transformers.BlipConfig(vision_config=dict(small, image_size=32, patch_size=8),
+                                     text_config=dict(small, vocab_size=len(tokenizer), encoder_hidden_size=32,
+                                                      max_position_embeddings=64, **ids))
+    torch.manual_seed(0)
+    blip = transformers.BlipForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, weight in blip.named_parameters():
+            if weight.dim() > 1 or 'bias' in name:
+                weight.normal_(std=0.3)
+    blip.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return blip
+
+
+def test_a_released_blip_loads_with_hf_logits_and_hf_beam_search_captions(tiny_backbones, tmp_path):
+    hf = save_tiny_blip_release(tmp_path / 'blip')
+    argv = ['--init_from', str(tmp_path / 'blip'), '--gate', 'off', '--sparsity', '0', '--image_size', '32']
+    cfg = parse_config(bgs.Config, bgs.PRESETS, argv, stem='blip_gated_sparse')
+    model = bgs.Captioner(cfg, bgs.decoder_tokenizer(cfg.init_from), *bgs.released_captioner(cfg.init_from)).eval()
+    torch.manual_seed(1)
+    pixels = torch.randn(4, 3, 32, 32)
+    ids, mask, _ = model.tokenize(['a red circle', 'a large blue square at the top', 'two crosses', 'a'])
+    with torch.no_grad():
+        ours = model.decoder(ids, model.encode_image(pixels), mask)
+        theirs = hf(pixel_values=pixels, input_ids=ids, attention_mask=mask).logits
+    assert (ours - theirs)[mask.bool()].abs().max() < 1e-4
+    with torch.no_grad():
+        captions = model.generate(model.encode_image(pixels))
+        prompt = model.tokenize([''] * 4)[0]                                       # [DEC] a picture of [SEP]
+        out = hf.generate(pixel_values=pixels, input_ids=prompt, num_beams=cfg.num_beams, early_stopping=True,
+                          max_new_tokens=cfg.max_new_tokens, min_new_tokens=cfg.min_new_tokens)
+    hf_captions = model.tokenizer.batch_decode(out[:, model.n_prompt:], skip_special_tokens=True)
+    assert captions == hf_captions and len(set(captions)) > 1
+    with pytest.raises(UserError, match='is a released bert model; this method starts from blip'):
+        backbones.release_config(str(tiny_backbones / 'shapes-tiny-text'), 'blip')
+
+
+def test_blip_evaluates_and_fine_tunes_a_released_captioner_saved_as_a_folder(tiny_backbones, tmp_path):
+    save_tiny_blip_release(tmp_path / 'blip')
+    release = ['--init_from', str(tmp_path / 'blip'), '--image_size', '32']
+    bgs.main(BGS_TINY + release + ['--gate', 'off', '--sparsity', '0', '--eval_only', 'true',
+                                       '--out_dir', str(tmp_path / 'eval')])
+    assert 'cider' in json.loads((tmp_path / 'eval' / 'metrics.json').read_text())
+    bgs.main(BGS_TINY + release + ['--max_steps', '2', '--eval_every', '0', '--out_dir', str(tmp_path / 'tune')])
+    state = torch.load(tmp_path / 'tune' / 'ckpt.pt', weights_only=True)
+    assert state['method'] == 'blip_gated_sparse' and state['step'] == 2
 
 # ============================================================================= cal.py
 
