@@ -6,12 +6,14 @@ the first.
 
     python bench.py blip                  # BLIP training step: dense, gate, top-k, default, latents
     python bench.py blip --rounds 30 --device cuda --dtype bfloat16
+    python bench.py hf                    # the project's modules and captioner against HF's classes
 """
 import argparse
 import statistics
 import time
 
 import torch
+import transformers
 
 import backbones
 import blip_gated_sparse as bgs
@@ -90,7 +92,94 @@ def bench_blip(args, device, dtype):
                 seconds, samples, 'captions')
 
 
-BENCHES = {'blip': bench_blip}
+# ----------------------------------------------------------------------------- against Hugging Face
+# The same architecture and weights on both sides: each project module is built from the HF model it
+# is timed against (vit_from_hf, bert_from_hf, Captioner from a BlipForConditionalGeneration).
+WIDTHS = {  # tiny: the built-in backbones' widths and images; base: ViT-B/16 and BERT-base
+    'tiny': (dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=512), dict(image_size=64, patch_size=8), 64),
+    'base': (dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                  intermediate_size=3072), dict(image_size=224, patch_size=16), 8),
+}
+
+
+def fwd_bwd(forward):  # a function that runs forward, then backward of a scalar of its output
+    return lambda: forward().float().pow(2).mean().backward()
+
+
+def hf_pairs(size, device):
+    """{row: (ours, HF's)}: vision tower and text encoder forward+backward, one captioning train
+    step (gate off and sparsity 0, then the default gate + 0.7 against the same HF step), and beam
+    search (3 beams, 16 new tokens) with the image keys and values cached."""
+    width, image, batch = WIDTHS[size]
+    torch.manual_seed(0)
+    pixels = torch.randn(batch, 3, image['image_size'], image['image_size'], device=device)
+    vit_hf = transformers.ViTModel(transformers.ViTConfig(**width, **image),
+                                   add_pooling_layer=False)
+    vit = backbones.vit_from_hf(vit_hf)
+    tokenizer = backbones.build_tokenizer(0 if size == 'tiny' else 30524)
+    words = torch.randint(5, len(tokenizer), (batch, 32), device=device)   # text encoder input
+    padding = backbones.padding_mask(torch.ones_like(words))
+    bert_hf = transformers.BertModel(transformers.BertConfig(**width, vocab_size=len(tokenizer)),
+                                     add_pooling_layer=False)
+    embeddings, layers, _, _ = backbones.bert_from_hf(bert_hf)
+
+    def bert():
+        x = embeddings(words)
+        for layer in layers:
+            x = layer(x, padding)
+        return x
+    special = dict(bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id)
+    blip_hf = transformers.BlipForConditionalGeneration(transformers.BlipConfig(
+        vision_config=dict(width, **image), text_config=dict(
+            width, vocab_size=len(tokenizer), encoder_hidden_size=width['hidden_size'], **special)))
+    captioners = {}
+    for name, argv in (('plain', ['--gate', 'off', '--sparsity', '0']), ('default', [])):
+        cfg = common.parse_config(bgs.Config, bgs.PRESETS, argv + [
+            '--image_size', str(image['image_size'])], stem=bgs.METHOD)
+        captioners[name] = bgs.Captioner(cfg, tokenizer, blip_hf.vision_model,
+                                         blip_hf.text_decoder).to(device)
+    for module in (vit_hf, vit, bert_hf, embeddings, layers, blip_hf):
+        module.to(device)
+    ids, mask, labels = (t.to(device) for t in captioners['plain'].tokenize(
+        ['a large red circle to the left of a small blue square'] * batch))
+    prompt = captioners['plain'].tokenize([''] * batch)[0].to(device)        # [DEC] prompt [SEP]
+
+    def hf_step():
+        blip_hf(pixel_values=pixels, input_ids=ids, attention_mask=mask,
+                labels=labels).loss.backward()
+
+    def hf_beam():
+        blip_hf.generate(pixel_values=pixels, input_ids=prompt.clone(), num_beams=3,
+                         max_new_tokens=16, min_new_tokens=1, early_stopping=True)
+    beam = lambda model: torch.no_grad()(lambda: model.generate(model.encode_image(pixels)))
+    return {
+        'vision tower fwd+bwd': (fwd_bwd(lambda: vit(pixels)),
+                                 fwd_bwd(lambda: vit_hf(pixel_values=pixels).last_hidden_state)),
+        'text encoder fwd+bwd': (fwd_bwd(bert), fwd_bwd(
+            lambda: bert_hf(input_ids=words).last_hidden_state)),
+        'captioning step, gate off, sparsity 0': (
+            lambda: captioners['plain'](pixels, ids, mask, labels).backward(), hf_step),
+        'captioning step, gate kv + sparsity 0.7': (
+            lambda: captioners['default'](pixels, ids, mask, labels).backward(), hf_step),
+        'beam search (3 beams, 16 tokens)': (beam(captioners['plain']), hf_beam),
+    }, batch
+
+
+def bench_hf(args, device, dtype):
+    print(f"the project against Hugging Face, median of {args.rounds} interleaved rounds "
+          f"({device}, fp32, {torch.get_num_threads()} threads)\n\n"
+          f"| size | row | batch | project ms | HF ms | ratio |\n|---|---|---|---|---|---|")
+    for size in args.sizes.split(','):
+        pairs, batch = hf_pairs(size, device)
+        for row, (ours, theirs) in pairs.items():
+            t = interleaved({'ours': ours, 'hf': theirs}, args.rounds, warmup=1)
+            print(f"| {size} | {row} | {batch} | {t['ours'] * 1e3:.1f} | {t['hf'] * 1e3:.1f} | "
+                  f"{t['ours'] / t['hf']:.2f} |", flush=True)
+
+
+BENCHES = {'blip': bench_blip, 'hf': bench_hf}
 
 
 def main(argv=None):
@@ -99,7 +188,11 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=20)
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
+    parser.add_argument('--sizes', default='tiny,base', help="hf: widths to time (tiny, base)")
     args = parser.parse_args(argv)
+    # randomly initialised models make denormal gradients, which a CPU computes several times
+    # slower (3x in the captioning step): flushed to zero, for every row alike
+    torch.set_flush_denormal(True)
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: CUDA is not available')
     BENCHES[args.bench](args, torch.device(args.device), getattr(torch, args.dtype))
