@@ -1921,6 +1921,16 @@ def test_bench_times_its_rows_in_interleaved_rounds_and_prints_each_against_the_
     assert table[1].endswith('| 1.000x |')
 
 
+def test_bench_against_hf_prints_a_ratio_for_each_module_and_the_captioner(capsys):
+    import bench
+    bench.main(['hf', '--sizes', 'tiny', '--rounds', '1'])
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines() if line.startswith('| tiny ')]
+    assert [row[1] for row in rows] == ['vision tower fwd+bwd', 'text encoder fwd+bwd',
+                                        'captioning step, gate off, sparsity 0',
+                                        'captioning step, gate kv + sparsity 0.7', 'beam search (3 beams, 16 tokens)']
+    assert all(float(row[5].rstrip(' |')) > 0 for row in rows)
+
+
 def test_steps_to_a_fraction_of_the_best_val_cider_read_from_the_log(tmp_path):
     rows = [dict(step=10, loss=2.0), dict(step=10, val_cider=40.0), dict(step=20, val_cider=92.0),
             dict(step=30, val_cider=100.0), dict(step=40, val_cider=97.0)]
