@@ -15,6 +15,7 @@ backbones.py — the pretrained backbones every method starts from.
     python backbones.py    # build (or find) the three built-ins and print their unimodal quality
     python backbones.py --paper_scale DIR [--tiny]   # paper-scale stand-ins (~11 GB; --tiny: MBs)
 """
+import dataclasses
 import json
 import math
 import os
@@ -684,6 +685,61 @@ def release_config(name, model_type):
         raise UserError(f"--init_from {name} is a released {config.model_type} model; this method "
                         f"starts from {model_type} models (or a ckpt.pt of its own)")
     return config
+
+
+def llava_release(cfg):
+    """--init_from DIR, a released Hugging Face LLaVA (folder or Hub id), replaces a VLM config's
+    backbones: its tower, projector, LLM and tokenizer (llava_from_hf), and its feature layer and
+    image size. Both backbones become DIR, so config.json and checkpoints name it, and naming DIR as
+    both rebuilds the model (to --predict, --eval_only or --init_from a run trained from it).
+    -> (cfg, the release's config), or (cfg, None) when it names none."""
+    same = cfg.vision_backbone == cfg.lm_backbone  # no tower is a causal LM: a release
+    name = cfg.lm_backbone if same else cfg.init_from
+    if not (config := release_config(name, 'llava')):
+        return cfg, None
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if not isinstance(layer, int) or strategy not in ('default', 'full'):
+        raise UserError(f"--init_from {name} reads vision layers {layer} with strategy "
+                        f"'{strategy}'; supported: one layer (an int), its CLS dropped ('default') "
+                        f"or kept ('full'), as LLaVA-1.5's -2 and 'default'")
+    return dataclasses.replace(cfg, vision_backbone=name, lm_backbone=name, vision_layer=layer,
+                               image_size=config.vision_config.image_size), config
+
+
+def llava_from_hf(name, config, vision_dtype=None):
+    r"""A released LlavaForConditionalGeneration (folder or Hub id `name`, `config` from
+    release_config) taken apart -> dict(vision: its CLIP tower in vision_dtype, projector: its
+    mlp2x_gelu as nn.Sequential(linear_1, act, linear_2), llm: a plain AutoModelForCausalLM of
+    text_config made of its language model and lm_head (inputs_embeds, position_ids, generate as
+    for any causal LM), tokenizer: the folder's, n_special: tower tokens before the patches, 1 (CLS)
+    for vision_feature_select_strategy 'default', 0 for 'full'). The released modules themselves,
+    not copies: a 7B model is in memory once (in fp32, as load_backbone's LMs).
+
+    Layout: LLaVA-1.5's processor expands '<image>' into config.image_token_id once per patch
+    feature ((336 / 14)^2 = 576, CLS dropped): 'USER: <image>\n{question} ASSISTANT:' becomes
+    [<s> USER:][576 x image id][\n question ASSISTANT:], and the model overwrites those ids'
+    embeddings with the projected features in order (masked_scatter), positions 0..L-1 along the
+    row. cal.py's rows [image_text][n_image slots][prompt][answer] are that layout, with image_text
+    the text before <image> and prompt the text after: the same logits at every position (a test
+    checks it on a tiny random release). Its prompts are its own, not LLaVA's chat template
+    (no 'USER:' / 'ASSISTANT:' unless --image_text / --caption_prompt say so)."""
+    try:
+        load = transformers.LlavaForConditionalGeneration.from_pretrained
+        llava = load(name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise unknown_backbone(name, 'LLaVA weights', e) from None
+    with torch.device('meta'):  # an empty shell: its base model and head are the released ones
+        llm = transformers.AutoModelForCausalLM.from_config(config.text_config)
+    setattr(llm, llm.base_model_prefix, llava.model.language_model)
+    llm.lm_head = llava.lm_head
+    if any(t.is_meta for t in (*llm.parameters(), *llm.buffers())):  # a part left empty
+        raise UserError(f"--init_from {name}: its {type(llm).__name__} has parts besides the base "
+                        f"model and lm_head; LLaVAs on Llama-, Mistral- or Qwen2-like LMs work")
+    hf = llava.model.multi_modal_projector
+    return dict(vision=llava.model.vision_tower.to(vision_dtype or torch.float32), llm=llm,
+                projector=nn.Sequential(hf.linear_1, hf.act, hf.linear_2),
+                tokenizer=load_tokenizer(name),
+                n_special=int(config.vision_feature_select_strategy == 'default'))
 
 # ------------------------------------------------------------------------- paper-scale stand-ins
 # The presets' backbones with their published architectures and random weights, and a COCO-layout

@@ -2699,6 +2699,104 @@ def test_answer_noise_changes_one_word_of_visual_answers_in_training_only():
     clean_qa = cal.questions_and_noise(clean, 'val', 0)[0]
     assert cal.questions_and_noise(noisy, 'val', 0) == (clean_qa, [-1] * len(clean_qa))
 
+
+def tiny_llava(folder, layer=-2, strategy='default'):
+    """A tiny random LLaVA release saved to `folder` as LlavaForConditionalGeneration.save_pretrained writes it (CLIP
+    tower 32 px / patch 8 -> 16 patches, Llama LM 48 wide), with the built-in tokenizer plus an <image> token whose id
+    is the config's image_token_id -> the HF model (eval, fp32). Every weight is moved off its initial value (biases 0,
+    norms 1) so a weight left out or misplaced by the loading shows in the logits."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    tokenizer = backbones.build_tokenizer()
+    tokenizer.add_tokens(['<image>'], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, hidden_act='quick_gelu')
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=layer,
+                         image_token_id=tokenizer.convert_tokens_to_ids('<image>'),
+                         vision_feature_select_strategy=strategy)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize('layer, strategy', [(-2, 'default'), (-1, 'full')])
+def test_a_released_llava_loaded_by_cal_gives_the_hf_logits_at_every_position(tmp_path, layer, strategy):
+    hf = tiny_llava(tmp_path / 'llava', layer, strategy)
+    cfg = parse_config(cal.Config, cal.PRESETS, ['--init_from', str(tmp_path / 'llava')], stem='cal')
+    cfg, release = backbones.llava_release(cfg)
+    assert (cfg.vision_layer, cfg.image_size) == (layer, 32)                    # the release's, not the defaults
+    assert cfg.vision_backbone == cfg.lm_backbone == str(tmp_path / 'llava')
+    parts = backbones.llava_from_hf(cfg.lm_backbone, release)
+    model = cal.VLM(cfg, **parts).eval()
+    assert model.n_image == 16 + (strategy == 'full')                           # 'full' keeps the CLS
+    world = data.ShapesWorld(seed=0, image_size=32)
+    items = [dict(image=world.transform(world.image('test', i)), caption=world.captions('test', i)[i], image_id=i)
+             for i in range(3)]
+    rows = cal.collate_rows(items, model.tokenizer, cfg, model.n_image)          # right-padded, lengths differ
+    start, N, mask = rows['image_start'], model.n_image, rows['attention_mask']
+    assert not mask.all()
+    hf_ids = rows['input_ids'].clone()
+    hf_ids[:, start:start + N] = hf.config.image_token_id                        # LLaVA: the image id once per feature
+    with torch.no_grad():
+        theirs = hf(input_ids=hf_ids, pixel_values=rows['image'], attention_mask=mask).logits   # (B, L, V)
+        ours = model(rows['input_ids'], rows['image'], start, mask)[0]                          # (B, L, V)
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
+        # the comparison can tell a wrong mapping: a fresh projector, or another feature layer, is far off
+        for wrong in (cal.VLM(cfg, **dict(parts, projector=None)), cal.VLM(replace(cfg, vision_layer=layer - 1), **parts)):
+            assert (wrong(rows['input_ids'], rows['image'], start, mask)[0] - theirs).abs().max() > 1e-2
+
+
+def test_cal_eval_only_evaluates_a_released_llava_as_loaded(tiny_backbones, tmp_path):
+    tiny_llava(tmp_path / 'llava')
+    out = tmp_path / 'out'
+    cal.main(CAL_TINY + ['--init_from', str(tmp_path / 'llava'), '--eval_only', 'true', '--out_dir', str(out)])
+    assert {'cider', 'blind_cider', 'vqa_acc', 'delta_auroc'} <= set(json.loads((out / 'metrics.json').read_text()))
+    config = json.loads((out / 'config.json').read_text())
+    assert config['vision_backbone'] == config['lm_backbone'] == str(tmp_path / 'llava')   # recorded as the backbones
+    assert (config['vision_layer'], config['image_size']) == (-2, 32)
+    assert not (out / 'ckpt.pt').exists()
+
+
+def test_cal_trains_from_a_released_llava_and_predicts_from_that_checkpoint(tiny_backbones, tmp_path, capsys):
+    hf = tiny_llava(tmp_path / 'llava')
+    cal.main(CAL_TINY + ['--init_from', str(tmp_path / 'llava'), '--out_dir', str(tmp_path / 'run')])
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
+    released = dict({f'vision.{k}': v for k, v in hf.model.vision_tower.state_dict().items()},
+                    **{f'projector.{k}': v for k, v in (('0.weight', hf.model.multi_modal_projector.linear_1.weight),
+                                                        ('2.weight', hf.model.multi_modal_projector.linear_2.weight))},
+                    **{f'llm.model.{k}': v for k, v in hf.model.language_model.state_dict().items()},
+                    **{'llm.lm_head.weight': hf.lm_head.weight})
+    for k, v in released.items():
+        if k.startswith('vision.'):
+            assert torch.equal(trained[k], v), k                                 # the tower stays frozen
+    for k in ('projector.0.weight', 'projector.2.weight', 'llm.model.embed_tokens.weight', 'llm.lm_head.weight'):
+        change = (trained[k] - released[k]).abs().max()
+        assert 0 < change < 0.05, (k, change)                                    # trained, from the release's weights
+    image = tmp_path / 'red.png'
+    _save_image(image)
+    capsys.readouterr()
+    cal.main(['--predict', str(image), '--init_from', str(tmp_path / 'run' / 'ckpt.pt')])  # the config names the release
+    assert f'{image}\n  describe this image . -> ' in capsys.readouterr().out
+
+
+def test_cal_init_from_another_model_type_or_unsupported_llava_features_gets_one_clear_message(tmp_path):
+    from transformers import LlavaConfig
+    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(tmp_path / 'bert')
+    LlavaConfig(vision_feature_layer=[-2, -5]).save_pretrained(tmp_path / 'multi')       # a config is enough to tell
+    for folder, message in (('bert', 'is a released bert model; this method starts from llava models'),
+                            ('multi', "reads vision layers [-2, -5] with strategy 'default'; supported: one layer")):
+        with pytest.raises(UserError, match=re.escape(f'--init_from {tmp_path / folder} {message}')):
+            cal.main(CAL_TINY + ['--init_from', str(tmp_path / folder), '--eval_only', 'true',
+                                 '--out_dir', str(tmp_path / 'out')])
+
 # ============================================================================= the four method files together
 
 from dataclasses import fields
