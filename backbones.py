@@ -4,6 +4,7 @@ backbones.py — the pretrained backbones every method starts from.
   modules      own ViT (pre-LN) and BERT-style layers (optional cross-attention, causal masks,
                attention maps)
   HF weights   vit_from_hf / bert_from_hf copy Hugging Face weights into them by an explicit key map
+  releases     release_config / llava_from_hf: --init_from a released BLIP or LLaVA
   loading      load_backbone / load_tokenizer: a Hugging Face id, a local folder or a built-in name
   built-ins    shapes-tiny-vision / -text / -lm: tiny unimodal models trained on ShapesWorld on
                first use and saved with save_pretrained, so they load through the same
@@ -297,22 +298,20 @@ def vit_from_hf(hf_model, image_size=None):
                             distill_token=c.model_type == 'deit', pre_norm=clip,
                             final_norm=not clip, patch_bias=not clip, act=c.hidden_act,
                             eps=c.layer_norm_eps, qkv_bias=getattr(c, 'qkv_bias', True))
-    e = 'embeddings.'
+    e, layer = 'embeddings.', 'encoder.layers.{}.'
+    block = {'norm1': 'layer_norm1', 'norm2': 'layer_norm2', 'mlp.fc1': 'mlp.fc1',
+             'mlp.fc2': 'mlp.fc2'}  # CLIP's and BLIP's; ViT's below
     if clip:
         key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding.weight',
                    'patch_embed': e + 'patch_embedding', 'pre_norm': 'pre_layrnorm',
                    'norm': 'post_layernorm'}
-        layer = 'encoder.layers.{}.'
-        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.out_proj', 'norm2': 'layer_norm2',
-                 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
-                 **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}}
-    elif c.model_type == 'blip_vision_model':  # pre-LN blocks, one fused qkv, LN on every token
+        block.update({'attn.proj': 'self_attn.out_proj',
+                      **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}})
+    elif c.model_type == 'blip_vision_model':  # one fused qkv, post-LN on every token
         key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding',
                    'patch_embed': e + 'patch_embedding', 'norm': 'post_layernorm'}
-        layer = 'encoder.layers.{}.'
-        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.projection',
-                 'norm2': 'layer_norm2', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
-                 **{f'attn.{t}': f'self_attn.{t}' for t in 'qkv'}}
+        block.update({'attn.proj': 'self_attn.projection',
+                      **{f'attn.{t}': f'self_attn.{t}' for t in 'qkv'}})
         for key in [k for k in state if '.self_attn.qkv.' in k]:  # rows: q, k, v (all heads)
             for t, part in zip('qkv', state.pop(key).chunk(3)):
                 state[key.replace('.qkv.', f'.{t}.')] = part
@@ -668,11 +667,9 @@ def load_tokenizer(name):
         raise unknown_backbone(name, 'tokenizer files', e) from None
 
 
-
 def release_config(name, model_type):
     """--init_from: None for a nanoalign checkpoint (a file, or a path ending in .pt), else the
-    config of the released Hugging Face model in folder or Hub id `name` (e.g. a BLIP captioner or
-    a LLaVA model), which must be of `model_type` ('blip', 'llava')."""
+    config of the released Hugging Face model (folder or Hub id) `name`, of `model_type`."""
     if not name or Path(name).suffix == '.pt' or Path(name).is_file():
         return None
     try:
@@ -688,11 +685,9 @@ def release_config(name, model_type):
 
 
 def llava_release(cfg):
-    """--init_from DIR, a released Hugging Face LLaVA (folder or Hub id), replaces a VLM config's
-    backbones: its tower, projector, LLM and tokenizer (llava_from_hf), and its feature layer and
-    image size. Both backbones become DIR, so config.json and checkpoints name it, and naming DIR as
-    both rebuilds the model (to --predict, --eval_only or --init_from a run trained from it).
-    -> (cfg, the release's config), or (cfg, None) when it names none."""
+    """--init_from DIR, a released LLaVA (folder or Hub id): both backbones of a VLM config become
+    DIR (config.json and checkpoints name it; naming DIR as both rebuilds the model), with its
+    feature layer and image size -> (cfg, the release's config), or (cfg, None) if none."""
     same = cfg.vision_backbone == cfg.lm_backbone  # no tower is a causal LM: a release
     name = cfg.lm_backbone if same else cfg.init_from
     if not (config := release_config(name, 'llava')):
@@ -707,25 +702,18 @@ def llava_release(cfg):
 
 
 def llava_from_hf(name, config, vision_dtype=None):
-    r"""A released LlavaForConditionalGeneration (folder or Hub id `name`, `config` from
-    release_config) taken apart -> dict(vision: its CLIP tower in vision_dtype, projector: its
-    mlp2x_gelu as nn.Sequential(linear_1, act, linear_2), llm: a plain AutoModelForCausalLM of
-    text_config made of its language model and lm_head (inputs_embeds, position_ids, generate as
-    for any causal LM), tokenizer: the folder's, n_special: tower tokens before the patches, 1 (CLS)
-    for vision_feature_select_strategy 'default', 0 for 'full'). The released modules themselves,
-    not copies: a 7B model is in memory once (in fp32, as load_backbone's LMs).
-
-    Layout: LLaVA-1.5's processor expands '<image>' into config.image_token_id once per patch
-    feature ((336 / 14)^2 = 576, CLS dropped): 'USER: <image>\n{question} ASSISTANT:' becomes
-    [<s> USER:][576 x image id][\n question ASSISTANT:], and the model overwrites those ids'
-    embeddings with the projected features in order (masked_scatter), positions 0..L-1 along the
-    row. cal.py's rows [image_text][n_image slots][prompt][answer] are that layout, with image_text
-    the text before <image> and prompt the text after: the same logits at every position (a test
-    checks it on a tiny random release). Its prompts are its own, not LLaVA's chat template
-    (no 'USER:' / 'ASSISTANT:' unless --image_text / --caption_prompt say so)."""
+    r"""A released LlavaForConditionalGeneration (`name`, `config` from release_config) taken apart
+    -> dict(vision: its CLIP tower, projector: its mlp2x_gelu as nn.Sequential(linear_1, act,
+    linear_2), llm: a plain causal LM of text_config made of its language model and lm_head,
+    tokenizer, n_special: 1 (CLS dropped, strategy 'default') or 0 ('full')). The released modules
+    themselves, not copies: a 7B model is in memory once.
+    Layout: LLaVA-1.5 expands '<image>' into config.image_token_id once per patch feature (576)
+    and overwrites those embeddings with the projected features in order, positions 0..L-1 along
+    the row: 'USER: <image>\n{q} ASSISTANT:' is cal.py's [image_text][n_image slots][prompt], the
+    same logits at every position (tested); the prompts are cal.py's, not LLaVA's chat template."""
     try:
-        load = transformers.LlavaForConditionalGeneration.from_pretrained
-        llava = load(name, dtype=torch.float32)
+        llava = transformers.LlavaForConditionalGeneration.from_pretrained(name,
+                                                                           dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise unknown_backbone(name, 'LLaVA weights', e) from None
     with torch.device('meta'):  # an empty shell: its base model and head are the released ones
@@ -740,6 +728,7 @@ def llava_from_hf(name, config, vision_dtype=None):
                 projector=nn.Sequential(hf.linear_1, hf.act, hf.linear_2),
                 tokenizer=load_tokenizer(name),
                 n_special=int(config.vision_feature_select_strategy == 'default'))
+
 
 # ------------------------------------------------------------------------- paper-scale stand-ins
 # The presets' backbones with their published architectures and random weights, and a COCO-layout
