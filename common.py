@@ -1,5 +1,5 @@
 """common.py — what every nanoalign method shares, and nothing that belongs to one method:
-config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP, bf16 autocast, seeds),
+config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP / FSDP, autocast, seeds),
 training (lr schedule, AdamW groups, checkpoints, two stages, logger, all_gather, speed / MFU),
 metrics (retrieval, captioning, AUROC) and render_tokens. The backbones are in backbones.py."""
 import dataclasses, difflib, inspect, json, math, os, random, re, resource, shutil, sys, time
@@ -19,6 +19,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as spice_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from torch.distributed.checkpoint import state_dict as dcp
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -51,6 +54,7 @@ class RunConfig:
     device: str = 'auto'        # auto | cpu | cuda
     dtype: str = 'auto'         # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False       # torch.compile the model
+    fsdp: bool = False          # FSDP2: shard params, grads, optimizer state over torchrun ranks
     num_workers: int = 0        # data loader workers
     max_bad_images: int = 0     # unreadable images to skip (counted) before stopping
     split_ratio: tuple = (0.9, 0.05, 0.05)  # train / val / test of an --ann_file without {split}
@@ -137,6 +141,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     dtype: torch.dtype = torch.float32   # autocast dtype (float32 = no autocast)
+    fsdp: bool = False                   # --fsdp under torchrun: wrap_ddp shards (FSDP2), no DDP
 
     is_main = property(lambda self: self.rank == 0)
     distributed = property(lambda self: self.world_size > 1)
@@ -145,9 +150,11 @@ class Run:
         float32 = self.dtype == torch.float32
         return nullcontext() if float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
-def setup(cfg):
+def setup(cfg, supports_fsdp=False):
     """Device, DDP under torchrun, autocast dtype, seeds, TF32. Every rank seeds the same, so all
     build the same initial model; call seed_rank() before per-rank randomness (masks, sampling)."""
+    if cfg.fsdp and not supports_fsdp:
+        raise UserError("--fsdp: this method does not shard (its presets fit one GPU); drop it")
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; "
                         "use --device cpu or auto")
@@ -171,7 +178,7 @@ def setup(cfg):
     if rank == 0 and not cfg.predict:  # --predict reads a run's out_dir and writes nothing there
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=2))
-    return Run(device=device, rank=rank, world_size=world, dtype=dtype)
+    return Run(device=device, rank=rank, world_size=world, dtype=dtype, fsdp=cfg.fsdp and world > 1)
 
 def seed_rank(cfg, run):
     """Per-rank randomness from here on (MLM masks, negative sampling differ across ranks)."""
@@ -202,13 +209,40 @@ def all_gather(x):
 
 def wrap_ddp(module, run):
     """DDP-wrap a trainable module. Frozen params (towers, momentum teachers) are not synced, nor
-    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues)."""
-    if not run.distributed:
-        return module
+    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues).
+    With run.fsdp: shard(module) instead, before the optimizer is built (the parameters are new)."""
+    if run.fsdp or not run.distributed:
+        return shard(module, run) if run.fsdp else module
     renamed = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync = 'forward_sync_buffers' if renamed else 'broadcast_buffers'  # torch 2.15
     device_ids = [run.device.index] if run.device.type == 'cuda' else None
     return DistributedDataParallel(module, device_ids=device_ids, **{no_buffer_sync: False})
+
+def shard(model, run):
+    """FSDP2 in place, once (a later stage keeps the shards; FSDP2 reads requires_grad at every
+    gather): a unit per block of every nn.ModuleList holding parameters (an LLM's decoder layers,
+    a vision tower's; a list has no forward to hook), the root holds the rest. -> model"""
+    module, mesh = unwrap(model), dist.init_device_mesh(run.device.type, (run.world_size,))
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = [b for m in reversed(lists) for b in m if any(True for _ in b.parameters())]
+    for unit in [] if isinstance(module, FSDPModule) else [*blocks, module]:  # inner ones first
+        fully_shard(unit, mesh=mesh)  # on the run's device (CUDA may be there and unused)
+    return model
+
+@contextmanager
+def unsharded(model):
+    """Under FSDP every rank gathers the whole model for the block, in which rank 0 alone may run
+    forwards (evaluation; none is collective then); after it every rank shards it again and FSDP
+    forgets rank 0's forwards (they would steer its next backward's prefetches alone)."""
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]  # the root first
+    for unit in units:  # every rank, in the same order
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    yield
+    for unit in units:  # FSDP's defaults: blocks reshard after forward, the root does not
+        unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+    for root in units[:1]:
+        root.reset_iter_state()  # every unit resharded, the block's forwards forgotten
 
 def teardown(run):
     """End a torchrun run's process group (drop DDP wrappers first: a reducer left can abort)."""
@@ -265,10 +299,28 @@ def set_rng_state(state):
     kind, key, *rest = state['numpy']
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
+def _rekey(optim_state, module, optimizer):
+    """Optimizer state keyed by parameter index (torch's) <-> by name (FSDP's checkpoint API)."""
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group['params']]
+    key = {**dict(enumerate(order)), **{n: i for i, n in enumerate(order)}}  # index <-> name
+    groups = [dict(g, params=[key[k] for k in g['params']]) for g in optim_state['param_groups']]
+    return dict(state={key[k]: v for k, v in optim_state['state'].items()}, param_groups=groups)
+
 def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
-    crash mid-write never leaves a broken ckpt.pt. Call on rank 0."""
-    state = dict(method=method, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+    crash mid-write never leaves a broken ckpt.pt. Rank 0 writes; under FSDP every rank must call
+    it (each sends its shards: rank 0 gets whole tensors in CPU memory, the file of one process)."""
+    module = unwrap(model)
+    weights, optim = module.state_dict(), optimizer.state_dict()
+    if isinstance(module, FSDPModule):  # (the other ranks get empty dicts)
+        full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = dcp.get_model_state_dict(module, options=full)
+        optim = dcp.get_optimizer_state_dict(module, optimizer, options=full)
+        optim = _rekey(optim, module, optimizer) if optim else optim
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = dict(method=method, model=weights, optimizer=optim,
                  step=step, config=asdict(cfg), rng=_rng_state(), **extra)
     tmp = Path(path).with_suffix('.tmp')
     torch.save(state, tmp)
@@ -294,11 +346,18 @@ def load_checkpoint(path, method, map_location='cpu'):
 def restore(state, model, optimizer=None, path='the checkpoint', flags='the sizes or backbones'):
     """Put a checkpoint back: weights, and for --resume the optimizer and RNG streams -> its step.
     A checkpoint of another shape is a UserError naming the file and the flags that set shapes."""
+    module, full = unwrap(model), dcp.StateDictOptions(full_state_dict=True)
     try:
-        unwrap(model).load_state_dict(state['model'])
-        if optimizer is not None:
-            optimizer.load_state_dict(state['optimizer'])
-    except (RuntimeError, ValueError) as e:
+        if isinstance(module, FSDPModule):  # every rank cuts its shards out of the whole tensors
+            dcp.set_model_state_dict(module, state['model'], options=full)
+            if optimizer is not None:
+                optim = _rekey(state['optimizer'], module, optimizer)
+                dcp.set_optimizer_state_dict(module, optimizer, optim, options=full)
+        else:
+            module.load_state_dict(state['model'])
+            if optimizer is not None:
+                optimizer.load_state_dict(state['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model; were {flags} different? "
                         f"({str(e).splitlines()[0][:200]})") from None
     if optimizer is not None:
@@ -438,7 +497,8 @@ def count_flops(loss_of_one_batch, model, samples, run):
     if run.device.type != 'cuda':
         return None
     module = unwrap(model)
-    saved = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+    saved = {k: v.detach().clone() if isinstance(v, DTensor) else v.detach().to('cpu', copy=True)
+             for k, v in module.state_dict().items()}  # FSDP's shards (DTensor) stay where they are
     rng = _rng_state()
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
