@@ -49,10 +49,10 @@ METHOD = 'cal'
 @dataclass
 class Config(common.RunConfig):
     vision_backbone: str = 'shapes-tiny-vision'  # frozen vision tower: HF id, path or built-in name
-    lm_backbone: str = 'shapes-tiny-lm'          # causal LM: HF id (Qwen2, Llama, ...), path or
-                                                 # built-in; both DIR for a LLaVA --init_from DIR
-    vision_layer: int = -2          # hidden state taken from the tower (LLaVA: the penultimate),
-                                    # CLS dropped (a LLaVA release sets it and image_size)
+    lm_backbone: str = 'shapes-tiny-lm'          # causal LM (Qwen2, Llama): HF id, path or built-in
+                                                 # (both DIR for a LLaVA --init_from DIR)
+    vision_layer: int = -2          # tower hidden state used (LLaVA: the penultimate), CLS dropped
+                                    # (a LLaVA release sets it and image_size)
     image_size: int = 64
     stage: str = 'both'             # 1 (projector on captions) | 2 (+ the LLM, captions and
                                     # questions) | both
@@ -379,10 +379,10 @@ class VLM(nn.Module):
         mask = batch['attention_mask'].scatter(1, eos_at, 0)[:, :-1]
         x = self.embed(ids.to(images.device), images, batch['image_start'], blind)
         x, mask = backbones.right_to_left_padding(x, mask.to(images.device))
-        # (B, new): the new tokens only
+        # (B, new): the new tokens only; by this rank alone, not waiting on others under FSDP
         new = self.llm.generate(inputs_embeds=x, attention_mask=mask, do_sample=False,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id)
+                                pad_token_id=tok.pad_token_id, synced_gpus=False)
         return [' '.join(t.split()) for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 # ----------------------------------------------------------------------------- CAL
@@ -697,7 +697,7 @@ def main(argv=None):
     check_config(cfg)
     cfg, release = backbones.llava_release(cfg)
     released = release is not None and cfg.init_from == cfg.lm_backbone  # no ckpt.pt to load
-    run = common.setup(cfg)
+    run = common.setup(cfg, supports_fsdp=True)  # --fsdp: a 7B LLM shards over 8 GPUs
     out = Path(cfg.out_dir)
     world = None
     if cfg.data == 'shapes':
@@ -744,11 +744,12 @@ def main(argv=None):
         model.llm.requires_grad_(stage == 2)  # stage 1: the LLM is frozen
         use_cal = cfg.cal and str(stage) in cfg.cal_stages.split(',')
         schedule = common.stage_schedule(cfg, stage, first, last)
+        # DDP syncs what requires grad when built: the projector in stage 1, + the LLM in stage 2;
+        # FSDP shards the model (once, in place) before the optimizer takes its parameters
+        trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
         common.resume_stage(state, stage, first, start, model, optimizer, out / 'ckpt.pt',
                             SHAPE_FLAGS)
-        # DDP syncs what requires grad when built: the projector in stage 1, + the LLM in stage 2
-        trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         model.train()
         rows = training_rows(cfg, stage, world)
         batch_stream = partial(train_batches, rows, cfg.batch_size, collate_fn, cfg.seed + stage,
@@ -764,7 +765,7 @@ def main(argv=None):
             lr = common.lr_at(step - first, schedule)
             common.set_lr(optimizer, lr)
             for micro in range(cfg.grad_accum):
-                if run.distributed:  # sync gradients on the last micro-batch only
+                if run.distributed and not run.fsdp:  # DDP syncs the last micro-batch's only
                     trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
                 batch = common.to_device(next(batches), run.device)
                 with run.autocast():
@@ -777,19 +778,21 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
             evaluating = cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0
-            if evaluating or step + 1 == last:
-                with logger.paused():
-                    if evaluating and step + 1 < last and run.is_main:
+            if evaluating and step + 1 < last:  # rank 0 evaluates (under FSDP the whole model)
+                with logger.paused(), common.unsharded(model):
+                    if run.is_main:
                         val = evaluate(model, cfg, 'val', run, world)
                         logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
-                    if run.is_main:
-                        common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer,
-                                               step + 1, cfg, stage=stage)
-    if run.is_main:
-        metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
-        if cfg.stage != '1' and batch is not None:
-            metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
-        print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
+            if evaluating or step + 1 == last:
+                with logger.paused():  # every rank: under FSDP each sends its shards to rank 0
+                    common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step + 1, cfg,
+                                           stage=stage)
+    with common.unsharded(model):  # FSDP: every rank gathers the weights, rank 0 evaluates
+        if run.is_main:
+            metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+            if cfg.stage != '1' and batch is not None and not run.fsdp:  # rank 0's step alone
+                metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
+            print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)

@@ -1,19 +1,8 @@
 """common.py — what every nanoalign method shares, and nothing that belongs to one method:
-config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP, bf16 autocast, seeds),
+config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP / FSDP, autocast, seeds),
 training (lr schedule, AdamW groups, checkpoints, two stages, logger, all_gather, speed / MFU),
 metrics (retrieval, captioning, AUROC) and render_tokens. The backbones are in backbones.py."""
-import dataclasses
-import difflib
-import inspect
-import json
-import math
-import os
-import random
-import re
-import resource
-import shutil
-import sys
-import time
+import dataclasses, difflib, inspect, json, math, os, random, re, resource, shutil, sys, time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -30,6 +19,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as spice_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from torch.distributed.checkpoint import state_dict as dcp
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -62,13 +54,13 @@ class RunConfig:
     device: str = 'auto'        # auto | cpu | cuda
     dtype: str = 'auto'         # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False       # torch.compile the model
+    fsdp: bool = False          # FSDP2: shard params, grads, optimizer state over torchrun ranks
     num_workers: int = 0        # data loader workers
     max_bad_images: int = 0     # unreadable images to skip (counted) before stopping
     split_ratio: tuple = (0.9, 0.05, 0.05)  # train / val / test of an --ann_file without {split}
     predict: tuple = ()         # image files: print what the checkpoint makes of each, then stop
     seed: int = 0
     log_every: int = 10         # steps between log.jsonl lines
-
 
 def parse_value(name, text, default):
     """The text of --name (a list: several values) as the type of the field's default."""
@@ -84,9 +76,7 @@ def parse_value(name, text, default):
     except ValueError:
         raise UserError(f"--{name} takes a {type(default).__name__}, got '{text}'") from None
 
-
 RUN_ONLY = ('device', 'dtype', 'compile', 'resume', 'eval_only', 'num_workers')  # not the model's
-
 
 def parse_config(config_cls, presets, argv=None, stem=None):
     """Flags are the field names (`--lr 1e-4` or `--lr=1e-4`); a tuple field takes a1,a2 or several
@@ -134,7 +124,6 @@ def parse_config(config_cls, presets, argv=None, stem=None):
         check_split(cfg, stem)
     return cfg
 
-
 def main_guard(main):
     """Run main(); a user mistake ends with its one-line message instead of a stack trace."""
     try:
@@ -152,23 +141,20 @@ class Run:
     rank: int = 0
     world_size: int = 1
     dtype: torch.dtype = torch.float32   # autocast dtype (float32 = no autocast)
+    fsdp: bool = False                   # --fsdp under torchrun: wrap_ddp shards (FSDP2), no DDP
 
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
+    is_main = property(lambda self: self.rank == 0)
+    distributed = property(lambda self: self.world_size > 1)
 
     def autocast(self):  # float32: no autocast
         float32 = self.dtype == torch.float32
         return nullcontext() if float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
-
-def setup(cfg):
+def setup(cfg, supports_fsdp=False):
     """Device, DDP under torchrun, autocast dtype, seeds, TF32. Every rank seeds the same, so all
     build the same initial model; call seed_rank() before per-rank randomness (masks, sampling)."""
+    if cfg.fsdp and not supports_fsdp:
+        raise UserError("--fsdp: this method does not shard (its presets fit one GPU); drop it")
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; "
                         "use --device cpu or auto")
@@ -192,14 +178,12 @@ def setup(cfg):
     if rank == 0 and not cfg.predict:  # --predict reads a run's out_dir and writes nothing there
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=2))
-    return Run(device=device, rank=rank, world_size=world, dtype=dtype)
-
+    return Run(device=device, rank=rank, world_size=world, dtype=dtype, fsdp=cfg.fsdp and world > 1)
 
 def seed_rank(cfg, run):
     """Per-rank randomness from here on (MLM masks, negative sampling differ across ranks)."""
     torch.manual_seed(cfg.seed + 1 + run.rank)
     random.seed(cfg.seed + 1 + run.rank)
-
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather on dim 0; backward sums the gradient over ranks and returns this rank's shard."""
@@ -216,7 +200,6 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
-
 def all_gather(x):
     """Concatenate x (B, ...) of every rank -> (world*B, ...) with gradients: backward sums them
     into the owner's shard, so under DDP averaging params get the exact global-batch gradient."""
@@ -224,17 +207,42 @@ def all_gather(x):
         return x
     return _GatherWithGrad.apply(x)
 
-
 def wrap_ddp(module, run):
     """DDP-wrap a trainable module. Frozen params (towers, momentum teachers) are not synced, nor
-    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues)."""
-    if not run.distributed:
-        return module
+    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues).
+    With run.fsdp: shard(module) instead, before the optimizer is built (the parameters are new)."""
+    if run.fsdp or not run.distributed:
+        return shard(module, run) if run.fsdp else module
     renamed = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync = 'forward_sync_buffers' if renamed else 'broadcast_buffers'  # torch 2.15
     device_ids = [run.device.index] if run.device.type == 'cuda' else None
     return DistributedDataParallel(module, device_ids=device_ids, **{no_buffer_sync: False})
 
+def shard(model, run):
+    """FSDP2 in place, once (a later stage keeps the shards; FSDP2 reads requires_grad at every
+    gather): a unit per block of every nn.ModuleList holding parameters (an LLM's decoder layers,
+    a vision tower's; a list has no forward to hook), the root holds the rest. -> model"""
+    module, mesh = unwrap(model), dist.init_device_mesh(run.device.type, (run.world_size,))
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = [b for m in reversed(lists) for b in m if any(True for _ in b.parameters())]
+    for unit in [] if isinstance(module, FSDPModule) else [*blocks, module]:  # inner ones first
+        fully_shard(unit, mesh=mesh)  # on the run's device (CUDA may be there and unused)
+    return model
+
+@contextmanager
+def unsharded(model):
+    """Under FSDP every rank gathers the whole model for the block, in which rank 0 alone may run
+    forwards (evaluation; none is collective then); after it every rank shards it again and FSDP
+    forgets rank 0's forwards (they would steer its next backward's prefetches alone)."""
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]  # the root first
+    for unit in units:  # every rank, in the same order
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    yield
+    for unit in units:  # FSDP's defaults: blocks reshard after forward, the root does not
+        unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+    for root in units[:1]:
+        root.reset_iter_state()  # every unit resharded, the block's forwards forgotten
 
 def teardown(run):
     """End a torchrun run's process group (drop DDP wrappers first: a reducer left can abort)."""
@@ -242,13 +250,11 @@ def teardown(run):
         dist.barrier()  # no rank may tear down while another still talks to it
         dist.destroy_process_group()
 
-
 def unwrap(module):
     """The module under DDP / torch.compile wrappers (no 'module.' / '_orig_mod.' in ckpt keys)."""
     while hasattr(module, 'module') or hasattr(module, '_orig_mod'):
         module = getattr(module, 'module', None) or module._orig_mod
     return module
-
 
 def to_device(batch, device):
     """A collated batch (dict) with its tensors on device; others (captions, counts) as they are."""
@@ -265,7 +271,6 @@ def lr_at(step, cfg):
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
-
 def param_groups(module, weight_decay, exclude=(), **group_options):
     """Two AdamW groups of a module's trainable parameters but `exclude`: matrices decay, 1-D
     params (biases, norms, temperature) do not. Extra options (e.g. lr_scale=10) go in both."""
@@ -273,7 +278,6 @@ def param_groups(module, weight_decay, exclude=(), **group_options):
     decay, no_decay = [p for p in params if p.dim() >= 2], [p for p in params if p.dim() < 2]
     return [dict(params=decay, weight_decay=weight_decay, **group_options),
             dict(params=no_decay, weight_decay=0.0, **group_options)]
-
 
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
@@ -283,11 +287,9 @@ def set_lr(optimizer, lr):
 
 def _rng_state():
     np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(),
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                python=random.getstate(),
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
-
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
@@ -297,16 +299,32 @@ def set_rng_state(state):
     kind, key, *rest = state['numpy']
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
+def _rekey(optim_state, module, optimizer):
+    """Optimizer state keyed by parameter index (torch's) <-> by name (FSDP's checkpoint API)."""
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group['params']]
+    key = {**dict(enumerate(order)), **{n: i for i, n in enumerate(order)}}  # index <-> name
+    groups = [dict(g, params=[key[k] for k in g['params']]) for g in optim_state['param_groups']]
+    return dict(state={key[k]: v for k, v in optim_state['state'].items()}, param_groups=groups)
 
 def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
-    crash mid-write never leaves a broken ckpt.pt. Call on rank 0."""
-    state = dict(method=method, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+    crash mid-write never leaves a broken ckpt.pt. Rank 0 writes; under FSDP every rank must call
+    it (each sends its shards: rank 0 gets whole tensors in CPU memory, the file of one process)."""
+    module = unwrap(model)
+    weights, optim = module.state_dict(), optimizer.state_dict()
+    if isinstance(module, FSDPModule):  # (the other ranks get empty dicts)
+        full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = dcp.get_model_state_dict(module, options=full)
+        optim = dcp.get_optimizer_state_dict(module, optimizer, options=full)
+        optim = _rekey(optim, module, optimizer) if optim else optim
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = dict(method=method, model=weights, optimizer=optim,
                  step=step, config=asdict(cfg), rng=_rng_state(), **extra)
     tmp = Path(path).with_suffix('.tmp')
     torch.save(state, tmp)
     os.replace(tmp, path)
-
 
 def load_checkpoint(path, method, map_location='cpu'):
     """Load a checkpoint with weights_only=True, checking that `method` wrote it."""
@@ -325,28 +343,32 @@ def load_checkpoint(path, method, map_location='cpu'):
                         f"--out_dir at a checkpoint of {method}")
     return state
 
-
 def restore(state, model, optimizer=None, path='the checkpoint', flags='the sizes or backbones'):
     """Put a checkpoint back: weights, and for --resume the optimizer and RNG streams -> its step.
     A checkpoint of another shape is a UserError naming the file and the flags that set shapes."""
+    module, full = unwrap(model), dcp.StateDictOptions(full_state_dict=True)
     try:
-        unwrap(model).load_state_dict(state['model'])
-        if optimizer is not None:
-            optimizer.load_state_dict(state['optimizer'])
-    except (RuntimeError, ValueError) as e:
+        if isinstance(module, FSDPModule):  # every rank cuts its shards out of the whole tensors
+            dcp.set_model_state_dict(module, state['model'], options=full)
+            if optimizer is not None:
+                optim = _rekey(state['optimizer'], module, optimizer)
+                dcp.set_optimizer_state_dict(module, optimizer, optim, options=full)
+        else:
+            module.load_state_dict(state['model'])
+            if optimizer is not None:
+                optimizer.load_state_dict(state['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model; were {flags} different? "
                         f"({str(e).splitlines()[0][:200]})") from None
     if optimizer is not None:
         set_rng_state(state['rng'])
     return state['step']
 
-
 def load_into(path, method, model, optimizer=None, flags='the sizes or backbones'):
     """load_checkpoint + restore -> the checkpoint (extra entries, e.g. a stage, stay readable)."""
     state = load_checkpoint(path, method)
     restore(state, model, optimizer, path, flags)
     return state
-
 
 def check_split(cfg, method):
     """--eval_only / --resume on one --ann_file split by image path must keep the checkpoint's
@@ -357,7 +379,6 @@ def check_split(cfg, method):
         ratio = ','.join(map(str, saved['split_ratio']))
         raise UserError(f"{path} was trained at --split_ratio {ratio}; another split would put its "
                         f"training images in val / test: pass --split_ratio {ratio}")
-
 
 def check_finite(loss, step, cfg):
     """A NaN / inf loss stops the run; the last good checkpoint stays as it was."""
@@ -377,12 +398,10 @@ def stage_ranges(cfg):
     stage2 = cfg.max_steps if cfg.stage != '1' else 0
     return [(1, 0, stage1), (2, stage1, stage1 + stage2)]
 
-
 def stage_schedule(cfg, stage, first, last):
     """The config whose lr_at(step - first, ...) is this stage's schedule (its peak lr, length)."""
     return dataclasses.replace(cfg, lr=cfg.stage1_lr if stage == 1 else cfg.lr,
                                max_steps=last - first)
-
 
 def resume_stage(state, stage, first, start, model, optimizer, path, flags):
     """--resume into a stage: a checkpoint of it restores optimizer + RNG; one from the end of the
@@ -400,21 +419,16 @@ def peak_memory_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss: KiB on Linux
 
-
 PEAK_BF16_FLOPS = [  # dense bf16 FLOP/s from data sheets, by device name: specific names first
     ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
     ('GH200', 989e12), ('B200', 2250e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12),
     ('L40', 181e12), ('A10G', 70e12), ('A10', 125e12), ('L4', 121e12), ('RTX 4090', 165e12),
     ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12)]
 
-
 def peak_flops(device):
     """The device's peak bf16 FLOP/s by name, or None (CPU, or a GPU not in the table: no MFU)."""
-    if device.type != 'cuda':
-        return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''  # CPU: no name
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
-
 
 class Logger:
     """tqdm bar with the running loss, a log.jsonl line per logged step; rank 0 only. Training time
@@ -475,7 +489,6 @@ class Logger:
         if self.file:
             self.file.close()
 
-
 def count_flops(loss_of_one_batch, model, samples, run):
     """Model FLOPs per sample of one training step by FlopCounterMode, for MFU: CUDA only (else
     None), once per stage before its loop. loss_of_one_batch() is the forward (under the run's
@@ -484,7 +497,8 @@ def count_flops(loss_of_one_batch, model, samples, run):
     if run.device.type != 'cuda':
         return None
     module = unwrap(model)
-    saved = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+    saved = {k: v.detach().clone() if isinstance(v, DTensor) else v.detach().to('cpu', copy=True)
+             for k, v in module.state_dict().items()}  # FSDP's shards (DTensor) stay where they are
     rng = _rng_state()
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
@@ -494,7 +508,6 @@ def count_flops(loss_of_one_batch, model, samples, run):
     module.zero_grad(set_to_none=True)
     set_rng_state(rng)
     return counter.get_total_flops() / samples
-
 
 def write_metrics(cfg, metrics):
     """metrics.json: one flat object of numbers (NaN as null), and a few words (ptb_tokenizer)."""
@@ -506,7 +519,6 @@ def write_metrics(cfg, metrics):
 # ----------------------------------------------------------------------------- metrics
 # Metrics are on the papers' scale (percent, CIDEr x100), so metrics.json reads like their tables.
 
-
 def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     """Recall@{1,5,10} image->text (tr), text->image (ir) in percent, and their mean (rmean). sims
     (I, T); sims_t2i (T, I) if not sims.T (re-ranking scores each direction's top-k alone); image
@@ -517,18 +529,14 @@ def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     n_img, n_txt = sims.shape
     if texts is not None and len(texts) != n_txt:
         raise ValueError(f'retrieval_metrics: {len(texts)} texts for {n_txt} columns of sims')
-    if texts is None:
-        correct = torch.zeros(n_img, n_txt, dtype=torch.bool)  # (I, T)
-        for i, ids in enumerate(image_texts):
-            correct[i, ids] = True
-    else:  # ShapesWorld images can share a description, and no model can break such ties
-        ids_of = {}  # distinct string -> its id
-        text_id = torch.tensor([ids_of.setdefault(t, len(ids_of)) for t in texts])  # (T,)
-        has_text = torch.zeros(n_img, len(ids_of), dtype=torch.bool)  # (I, distinct texts)
-        for i, ids in enumerate(image_texts):
-            has_text[i, text_id[ids]] = True
-        correct = has_text[:, text_id]  # (I, T)
-    correct = correct.to(sims.device)
+    # equal texts are one (ShapesWorld images can share a description: no model breaks such ties)
+    ids_of = {}  # distinct string -> its id
+    text_id = torch.tensor([ids_of.setdefault(t, len(ids_of))
+                            for t in (range(n_txt) if texts is None else texts)])  # (T,)
+    has_text = torch.zeros(n_img, len(ids_of), dtype=torch.bool)  # (I, distinct texts)
+    for i, ids in enumerate(image_texts):
+        has_text[i, text_id[ids]] = True
+    correct = has_text[:, text_id].to(sims.device)  # (I, T)
     for name, rows in (('image', correct.any(1)), ('text', correct.any(0))):
         if not rows.all():
             raise ValueError(f'retrieval_metrics: {name} {int((~rows).nonzero()[0])} has no '
@@ -543,7 +551,6 @@ def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     sims_t2i = sims.T if sims_t2i is None else torch.as_tensor(sims_t2i).float().to(sims.device)
     values = recalls(sims, correct) + recalls(sims_t2i, correct.T)  # image->text, text->image
     return dict(zip(('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10'), values), rmean=sum(values) / 6)
-
 
 def ptb_like(sentence):
     """Pure-Python stand-in for the Stanford PTBTokenizer as pycocoevalcap runs it (-lowerCase, then
@@ -566,7 +573,6 @@ def ptb_like(sentence):
             tokens.append(tok)
     return ' '.join(t for t in tokens if t not in PUNCTUATIONS)
 
-
 def ptb_tokenize(captions):
     """{key: [sentence, ...]} -> same with PTB-tokenised sentences: Java when present (the papers'
     exact tokenisation), else ptb_like. One JVM start for the whole dict."""
@@ -575,21 +581,18 @@ def ptb_tokenize(captions):
         return PTBTokenizer().tokenize(rows)
     return {k: [ptb_like(c) for c in v] for k, v in captions.items()}
 
-
 def spice_ready():
     # Spice() downloads Stanford CoreNLP (~400 MB) when its jars are missing: only run it with them.
     jar = os.path.join(spice_models.SPICEDIR, spice_models.SPICELIB, spice_models.JAR)
     jars = all(os.path.exists(jar + end) for end in ('.jar', '-models.jar'))
     return bool(shutil.which('java')) and jars
 
-
 def caption_metrics(predictions, references):
     """COCO caption metrics x100: bleu4 meteor rouge_l cider (+ spice if its CoreNLP jars are
     there), and ptb_tokenizer: 'java' or 'python'. predictions: {id: caption}; references: {id:
     [raw caption, ...]}, scored as COCO does (PTB-tokenised, never truncated). Scorers run one by
     one (COCOEvalCap.evaluate would download CoreNLP for SPICE). Without Java: no meteor key."""
-    if predictions.keys() != references.keys():
-        missing = set(predictions) ^ set(references)
+    if missing := set(predictions) ^ set(references):
         raise ValueError(f'caption_metrics: ids {sorted(missing, key=str)[:5]} are in only one of '
                          f'predictions / references')
     if not all(references.values()):
@@ -612,7 +615,6 @@ def caption_metrics(predictions, references):
     out['ptb_tokenizer'] = 'java' if shutil.which('java') else 'python'
     return out
 
-
 def auroc(scores, labels):
     """Area under the ROC curve x100: P(random positive outscores random negative), ties count half
     (Mann-Whitney U from average ranks). NaN, with a warning, when labels hold a single class."""
@@ -634,18 +636,15 @@ def auroc(scores, labels):
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2  # pairs (pos, neg) with pos ranked higher
     return 100.0 * u / (n_pos * n_neg)
 
-
 # ----------------------------------------------------------------------------- token pictures
 
 SHADE = (31, 119, 180)  # value 1 (value 0 is white)
 MARK = (214, 39, 40)    # outline of marked tokens
 PAD, PANEL_W, IMAGE_MIN, IMAGE_MAX = 12, 560, 192, 384  # picture layout in pixels
 
-
 def _shade(v):
     v = min(max(float(v), 0.0), 1.0)
     return tuple(round(255 + v * (c - 255)) for c in SHADE)
-
 
 def render_tokens(image, rows, path, title=None, mark_label='marked'):
     """PNG of the image beside rows of tokens shaded white -> blue by value, plus a legend. image:

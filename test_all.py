@@ -2566,6 +2566,90 @@ def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, t
         assert_same_weights(straight['model'], resumed['model'])
 
 
+def test_shard_makes_each_decoder_layer_and_vision_layer_an_fsdp_unit_under_the_root(tiny_backbones):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    model = cal_model(tiny_backbones)
+    layers = [m for lists in (model.llm.model.layers, model.vision.layers) for m in lists]
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        run = common.Run(device=torch.device('cpu'), fsdp=True)
+        assert common.shard(model, run) is model and common.shard(model, run) is model  # in place, once
+        assert all(isinstance(m, FSDPModule) for m in [model, *layers])
+        assert not any(isinstance(m, FSDPModule) for m in (model.llm, model.llm.model, model.projector))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+CAL_FSDP_SCRIPT = '''
+import shutil, sys
+sys.path.insert(0, {repo!r})
+import common, cal
+argv, out = {argv!r}, {out!r}
+common.teardown = lambda run: None           # one process group for all runs (a second one can hang)
+cal.main(argv + ['--out_dir', out + '/straight'])
+cal.main(argv + ['--out_dir', out + '/ddp', '--fsdp', 'false'])
+
+
+class Died(Exception):
+    pass
+
+
+save = common.save_checkpoint
+
+
+def save_then_die(path, method, model, optimizer, step, cfg, **extra):  # on every rank
+    save(path, method, model, optimizer, step, cfg, **extra)
+    if step == 3 and common.dist.get_rank() == 0:
+        shutil.copy(path, out + '/stage1.pt')    # the end of stage 1, before stage 2 overwrites it
+    if step in (3, 5):
+        raise Died
+
+
+common.save_checkpoint = save_then_die
+for resume in ('false', 'true', 'true'):     # killed at the end of stage 1, again in stage 2, then to the end
+    try:
+        cal.main(argv + ['--out_dir', out + '/resumed', '--resume', resume])
+    except Died:
+        pass
+common.dist.barrier()
+common.dist.destroy_process_group()
+'''
+
+
+def test_cal_fsdp_on_two_ranks_checkpoints_whole_tensors_and_resumes_to_the_same_losses(tiny_backbones, tmp_path):
+    argv = CAL_TINY + ['--fsdp', 'true', '--device', 'cpu', '--eval_every', '2', '--eval_images', '2',
+                       '--grad_checkpointing', 'true', '--batch_size', '2', '--grad_accum', '2']
+    script = tmp_path / 'fsdp.py'
+    script.write_text(CAL_FSDP_SCRIPT.format(repo=str(REPO), argv=argv, out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'NANOALIGN_BACKBONES': str(tiny_backbones)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = lambda run: [(r['step'], r['loss']) for r in read_log(tmp_path / run) if 'loss' in r]
+    assert losses('resumed') == losses('straight') and len(losses('straight')) == 6
+    straight, resumed = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('straight', 'resumed'))
+    assert_same_weights(straight['model'], resumed['model'])
+    ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=True)                # the same two ranks unsharded
+    assert_same_weights(straight['model'], ddp['model'], atol=1e-5)
+    assert np.allclose([loss for _, loss in losses('ddp')], [loss for _, loss in losses('straight')], atol=1e-5)
+    model = cal_model(tiny_backbones)
+    before, stage1 = model.state_dict(), torch.load(tmp_path / 'stage1.pt', weights_only=True)
+    changed = lambda after, prefix: [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+    assert changed(stage1['model'], 'projector.') and not changed(stage1['model'], 'llm.')   # stage 1: projector only
+    assert changed(straight['model'], 'llm.') and not changed(straight['model'], 'vision.')
+    assert straight['model'].keys() == before.keys() and all(not isinstance(v, torch.distributed.tensor.DTensor)
+                                                             for v in straight['model'].values())
+    optimizer = torch.optim.AdamW(common.param_groups(torch.nn.ModuleList([model.projector, model.llm]), 0.0))
+    optimizer.load_state_dict(straight['optimizer'])                      # torch's own format, indexed params
+    sharded = json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+    cal.main(CAL_TINY + ['--eval_only', 'true', '--eval_images', '2', '--out_dir', str(tmp_path / 'straight'),
+                         '--fsdp', 'true'])                               # one process: --fsdp runs unsharded
+    alone = json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+    assert {k: v for k, v in sharded.items() if k in alone} == alone and 'cider' in alone
+
+
 def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tokenizer = backbones.build_tokenizer()
@@ -2845,6 +2929,13 @@ def test_every_method_counts_flops_on_a_step_that_leaves_training_unchanged(name
     assert counted and all(flops > 0 for flops in counted)  # one count per stage
     plain, with_count = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('plain', 'counted'))
     assert_same_weights(plain['model'], with_count['model'], atol=0)
+
+
+@pytest.mark.parametrize('name', ['albef_epic', 'align_two_phase', 'blip_gated_sparse'])
+def test_fsdp_is_refused_by_the_methods_whose_presets_fit_one_gpu(name, tmp_path):
+    module = dict(albef_epic=ae, align_two_phase=a2p, blip_gated_sparse=bgs)[name]
+    with pytest.raises(UserError, match='--fsdp: this method does not shard'):
+        module.main(['--fsdp', 'true', '--out_dir', str(tmp_path)])
 
 
 def test_the_paper_scale_stand_ins_have_the_published_sizes():
