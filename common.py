@@ -2,7 +2,18 @@
 config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP / FSDP, autocast, seeds),
 training (lr schedule, AdamW groups, checkpoints, two stages, logger, all_gather, speed / MFU),
 metrics (retrieval, captioning, AUROC) and render_tokens. The backbones are in backbones.py."""
-import dataclasses, difflib, inspect, json, math, os, random, re, resource, shutil, sys, time
+import dataclasses
+import difflib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import sys
+import time
 import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, asdict, fields
@@ -29,6 +40,7 @@ from tqdm import tqdm
 from data import CLIP_MEAN, CLIP_STD, UserError
 
 # ----------------------------------------------------------------------------- config & CLI
+
 
 @dataclass
 class RunConfig:
@@ -62,6 +74,7 @@ class RunConfig:
     seed: int = 0
     log_every: int = 10         # steps between log.jsonl lines
 
+
 def parse_value(name, text, default):
     """The text of --name (a list: several values) as the type of the field's default."""
     if isinstance(default, tuple):  # items typed like the default's first, str if it is empty
@@ -76,7 +89,9 @@ def parse_value(name, text, default):
     except ValueError:
         raise UserError(f"--{name} takes a {type(default).__name__}, got '{text}'") from None
 
+
 RUN_ONLY = ('device', 'dtype', 'compile', 'resume', 'eval_only', 'num_workers')  # not the model's
+
 
 def parse_config(config_cls, presets, argv=None, stem=None):
     """Flags are the field names (`--lr 1e-4` or `--lr=1e-4`); a tuple field takes a1,a2 or several
@@ -124,6 +139,7 @@ def parse_config(config_cls, presets, argv=None, stem=None):
         check_split(cfg, stem)
     return cfg
 
+
 def main_guard(main):
     """Run main(); a user mistake ends with its one-line message instead of a stack trace."""
     try:
@@ -134,6 +150,7 @@ def main_guard(main):
 
 # ----------------------------------------------------------------------------- run setup
 
+
 @dataclass
 class Run:
     """What setup() decided for this process."""
@@ -143,12 +160,18 @@ class Run:
     dtype: torch.dtype = torch.float32   # autocast dtype (float32 = no autocast)
     fsdp: bool = False                   # --fsdp under torchrun: wrap_ddp shards (FSDP2), no DDP
 
-    is_main = property(lambda self: self.rank == 0)
-    distributed = property(lambda self: self.world_size > 1)
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
 
     def autocast(self):  # float32: no autocast
         float32 = self.dtype == torch.float32
         return nullcontext() if float32 else torch.autocast(self.device.type, dtype=self.dtype)
+
 
 def setup(cfg, supports_fsdp=False):
     """Device, DDP under torchrun, autocast dtype, seeds, TF32. Every rank seeds the same, so all
@@ -180,10 +203,12 @@ def setup(cfg, supports_fsdp=False):
         (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=2))
     return Run(device=device, rank=rank, world_size=world, dtype=dtype, fsdp=cfg.fsdp and world > 1)
 
+
 def seed_rank(cfg, run):
     """Per-rank randomness from here on (MLM masks, negative sampling differ across ranks)."""
     torch.manual_seed(cfg.seed + 1 + run.rank)
     random.seed(cfg.seed + 1 + run.rank)
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather on dim 0; backward sums the gradient over ranks and returns this rank's shard."""
@@ -200,12 +225,14 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
+
 def all_gather(x):
     """Concatenate x (B, ...) of every rank -> (world*B, ...) with gradients: backward sums them
     into the owner's shard, so under DDP averaging params get the exact global-batch gradient."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
 
 def wrap_ddp(module, run):
     """DDP-wrap a trainable module. Frozen params (towers, momentum teachers) are not synced, nor
@@ -218,6 +245,7 @@ def wrap_ddp(module, run):
     device_ids = [run.device.index] if run.device.type == 'cuda' else None
     return DistributedDataParallel(module, device_ids=device_ids, **{no_buffer_sync: False})
 
+
 def shard(model, run):
     """FSDP2 in place, once (a later stage keeps the shards; FSDP2 reads requires_grad at every
     gather): a unit per block of every nn.ModuleList holding parameters (an LLM's decoder layers,
@@ -228,6 +256,7 @@ def shard(model, run):
     for unit in [] if isinstance(module, FSDPModule) else [*blocks, module]:  # inner ones first
         fully_shard(unit, mesh=mesh)  # on the run's device (CUDA may be there and unused)
     return model
+
 
 @contextmanager
 def unsharded(model):
@@ -244,11 +273,13 @@ def unsharded(model):
     for root in units[:1]:
         root.reset_iter_state()  # every unit resharded, the block's forwards forgotten
 
+
 def teardown(run):
     """End a torchrun run's process group (drop DDP wrappers first: a reducer left can abort)."""
     if run.distributed and dist.is_initialized():
         dist.barrier()  # no rank may tear down while another still talks to it
         dist.destroy_process_group()
+
 
 def unwrap(module):
     """The module under DDP / torch.compile wrappers (no 'module.' / '_orig_mod.' in ckpt keys)."""
@@ -256,12 +287,14 @@ def unwrap(module):
         module = getattr(module, 'module', None) or module._orig_mod
     return module
 
+
 def to_device(batch, device):
     """A collated batch (dict) with its tensors on device; others (captions, counts) as they are."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
             for k, v in batch.items()}
 
 # ----------------------------------------------------------------------------- optimisation
+
 
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr over warmup_steps, then cosine to lr * min_lr_ratio at max_steps."""
@@ -271,6 +304,7 @@ def lr_at(step, cfg):
     min_lr = cfg.lr * cfg.min_lr_ratio
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
 
+
 def param_groups(module, weight_decay, exclude=(), **group_options):
     """Two AdamW groups of a module's trainable parameters but `exclude`: matrices decay, 1-D
     params (biases, norms, temperature) do not. Extra options (e.g. lr_scale=10) go in both."""
@@ -279,17 +313,20 @@ def param_groups(module, weight_decay, exclude=(), **group_options):
     return [dict(params=decay, weight_decay=weight_decay, **group_options),
             dict(params=no_decay, weight_decay=0.0, **group_options)]
 
+
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def _rng_state():
     np_state = np.random.get_state()
     return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
+
 
 def set_rng_state(state):
     torch.set_rng_state(state['torch'])
@@ -299,6 +336,7 @@ def set_rng_state(state):
     kind, key, *rest = state['numpy']
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
+
 def _rekey(optim_state, module, optimizer):
     """Optimizer state keyed by parameter index (torch's) <-> by name (FSDP's checkpoint API)."""
     names = {p: n for n, p in module.named_parameters()}
@@ -306,6 +344,7 @@ def _rekey(optim_state, module, optimizer):
     key = {**dict(enumerate(order)), **{n: i for i, n in enumerate(order)}}  # index <-> name
     groups = [dict(g, params=[key[k] for k in g['params']]) for g in optim_state['param_groups']]
     return dict(state={key[k]: v for k, v in optim_state['state'].items()}, param_groups=groups)
+
 
 def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
@@ -326,6 +365,7 @@ def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     torch.save(state, tmp)
     os.replace(tmp, path)
 
+
 def load_checkpoint(path, method, map_location='cpu'):
     """Load a checkpoint with weights_only=True, checking that `method` wrote it."""
     path = Path(path)
@@ -342,6 +382,7 @@ def load_checkpoint(path, method, map_location='cpu'):
         raise UserError(f"{path} was written by {found}, not {method}; point --init_from / "
                         f"--out_dir at a checkpoint of {method}")
     return state
+
 
 def restore(state, model, optimizer=None, path='the checkpoint', flags='the sizes or backbones'):
     """Put a checkpoint back: weights, and for --resume the optimizer and RNG streams -> its step.
@@ -364,11 +405,13 @@ def restore(state, model, optimizer=None, path='the checkpoint', flags='the size
         set_rng_state(state['rng'])
     return state['step']
 
+
 def load_into(path, method, model, optimizer=None, flags='the sizes or backbones'):
     """load_checkpoint + restore -> the checkpoint (extra entries, e.g. a stage, stay readable)."""
     state = load_checkpoint(path, method)
     restore(state, model, optimizer, path, flags)
     return state
+
 
 def check_split(cfg, method):
     """--eval_only / --resume on one --ann_file split by image path must keep the checkpoint's
@@ -379,6 +422,7 @@ def check_split(cfg, method):
         ratio = ','.join(map(str, saved['split_ratio']))
         raise UserError(f"{path} was trained at --split_ratio {ratio}; another split would put its "
                         f"training images in val / test: pass --split_ratio {ratio}")
+
 
 def check_finite(loss, step, cfg):
     """A NaN / inf loss stops the run; the last good checkpoint stays as it was."""
@@ -391,6 +435,7 @@ def check_finite(loss, step, cfg):
 
 # ----------------------------------------------------------------------------- two-stage methods
 
+
 def stage_ranges(cfg):
     """--stage 1 | 2 | both -> [(stage, first, last)]: each stage's global steps [first, last),
     empty if not run: stage 1 runs --stage1_steps (at --stage1_lr), stage 2 --max_steps (--lr)."""
@@ -398,10 +443,12 @@ def stage_ranges(cfg):
     stage2 = cfg.max_steps if cfg.stage != '1' else 0
     return [(1, 0, stage1), (2, stage1, stage1 + stage2)]
 
+
 def stage_schedule(cfg, stage, first, last):
     """The config whose lr_at(step - first, ...) is this stage's schedule (its peak lr, length)."""
     return dataclasses.replace(cfg, lr=cfg.stage1_lr if stage == 1 else cfg.lr,
                                max_steps=last - first)
+
 
 def resume_stage(state, stage, first, start, model, optimizer, path, flags):
     """--resume into a stage: a checkpoint of it restores optimizer + RNG; one from the end of the
@@ -413,11 +460,13 @@ def resume_stage(state, stage, first, start, model, optimizer, path, flags):
 
 # ----------------------------------------------------------------------------- logging & speed
 
+
 def peak_memory_mb(device):
     """Peak CUDA memory allocated; on CPU the process's peak resident memory."""
     if device.type == 'cuda':
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss: KiB on Linux
+
 
 PEAK_BF16_FLOPS = [  # dense bf16 FLOP/s from data sheets, by device name: specific names first
     ('H100 PCIe', 756e12), ('H100 NVL', 835e12), ('H100', 989e12), ('H200', 989e12),
@@ -425,10 +474,14 @@ PEAK_BF16_FLOPS = [  # dense bf16 FLOP/s from data sheets, by device name: speci
     ('L40', 181e12), ('A10G', 70e12), ('A10', 125e12), ('L4', 121e12), ('RTX 4090', 165e12),
     ('RTX 3090', 71e12), ('A6000', 155e12), ('V100', 125e12), ('T4', 65e12)]
 
+
 def peak_flops(device):
     """The device's peak bf16 FLOP/s by name, or None (CPU, or a GPU not in the table: no MFU)."""
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else ''  # CPU: no name
+    if device.type != 'cuda':
+        return None
+    name = torch.cuda.get_device_name(device)
     return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
 
 class Logger:
     """tqdm bar with the running loss, a log.jsonl line per logged step; rank 0 only. Training time
@@ -489,6 +542,7 @@ class Logger:
         if self.file:
             self.file.close()
 
+
 def count_flops(loss_of_one_batch, model, samples, run):
     """Model FLOPs per sample of one training step by FlopCounterMode, for MFU: CUDA only (else
     None), once per stage before its loop. loss_of_one_batch() is the forward (under the run's
@@ -509,6 +563,7 @@ def count_flops(loss_of_one_batch, model, samples, run):
     set_rng_state(rng)
     return counter.get_total_flops() / samples
 
+
 def write_metrics(cfg, metrics):
     """metrics.json: one flat object of numbers (NaN as null), and a few words (ptb_tokenizer)."""
     metrics = {k: v if isinstance(v, str) else round(float(v), 4) if v == v else None
@@ -518,6 +573,7 @@ def write_metrics(cfg, metrics):
 
 # ----------------------------------------------------------------------------- metrics
 # Metrics are on the papers' scale (percent, CIDEr x100), so metrics.json reads like their tables.
+
 
 def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     """Recall@{1,5,10} image->text (tr), text->image (ir) in percent, and their mean (rmean). sims
@@ -552,6 +608,7 @@ def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     values = recalls(sims, correct) + recalls(sims_t2i, correct.T)  # image->text, text->image
     return dict(zip(('tr1', 'tr5', 'tr10', 'ir1', 'ir5', 'ir10'), values), rmean=sum(values) / 6)
 
+
 def ptb_like(sentence):
     """Pure-Python stand-in for the Stanford PTBTokenizer as pycocoevalcap runs it (-lowerCase, then
     PUNCTUATIONS dropped), exact on ordinary captions: lowercased, contractions and punctuation
@@ -573,6 +630,7 @@ def ptb_like(sentence):
             tokens.append(tok)
     return ' '.join(t for t in tokens if t not in PUNCTUATIONS)
 
+
 def ptb_tokenize(captions):
     """{key: [sentence, ...]} -> same with PTB-tokenised sentences: Java when present (the papers'
     exact tokenisation), else ptb_like. One JVM start for the whole dict."""
@@ -581,11 +639,13 @@ def ptb_tokenize(captions):
         return PTBTokenizer().tokenize(rows)
     return {k: [ptb_like(c) for c in v] for k, v in captions.items()}
 
+
 def spice_ready():
     # Spice() downloads Stanford CoreNLP (~400 MB) when its jars are missing: only run it with them.
     jar = os.path.join(spice_models.SPICEDIR, spice_models.SPICELIB, spice_models.JAR)
     jars = all(os.path.exists(jar + end) for end in ('.jar', '-models.jar'))
     return bool(shutil.which('java')) and jars
+
 
 def caption_metrics(predictions, references):
     """COCO caption metrics x100: bleu4 meteor rouge_l cider (+ spice if its CoreNLP jars are
@@ -615,6 +675,7 @@ def caption_metrics(predictions, references):
     out['ptb_tokenizer'] = 'java' if shutil.which('java') else 'python'
     return out
 
+
 def auroc(scores, labels):
     """Area under the ROC curve x100: P(random positive outscores random negative), ties count half
     (Mann-Whitney U from average ranks). NaN, with a warning, when labels hold a single class."""
@@ -636,15 +697,18 @@ def auroc(scores, labels):
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2  # pairs (pos, neg) with pos ranked higher
     return 100.0 * u / (n_pos * n_neg)
 
+
 # ----------------------------------------------------------------------------- token pictures
 
 SHADE = (31, 119, 180)  # value 1 (value 0 is white)
 MARK = (214, 39, 40)    # outline of marked tokens
 PAD, PANEL_W, IMAGE_MIN, IMAGE_MAX = 12, 560, 192, 384  # picture layout in pixels
 
+
 def _shade(v):
     v = min(max(float(v), 0.0), 1.0)
     return tuple(round(255 + v * (c - 255)) for c in SHADE)
+
 
 def render_tokens(image, rows, path, title=None, mark_label='marked'):
     """PNG of the image beside rows of tokens shaded white -> blue by value, plus a legend. image:
