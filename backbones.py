@@ -4,6 +4,7 @@ backbones.py — the pretrained backbones every method starts from.
   modules      own ViT (pre-LN) and BERT-style layers (optional cross-attention, causal masks,
                attention maps)
   HF weights   vit_from_hf / bert_from_hf copy Hugging Face weights into them by an explicit key map
+  releases     release_config / llava_from_hf: --init_from a released BLIP or LLaVA
   loading      load_backbone / load_tokenizer: a Hugging Face id, a local folder or a built-in name
   built-ins    shapes-tiny-vision / -text / -lm: tiny unimodal models trained on ShapesWorld on
                first use and saved with save_pretrained, so they load through the same
@@ -15,6 +16,7 @@ backbones.py — the pretrained backbones every method starts from.
     python backbones.py    # build (or find) the three built-ins and print their unimodal quality
     python backbones.py --paper_scale DIR [--tiny]   # paper-scale stand-ins (~11 GB; --tiny: MBs)
 """
+import dataclasses
 import json
 import math
 import os
@@ -296,22 +298,20 @@ def vit_from_hf(hf_model, image_size=None):
                             distill_token=c.model_type == 'deit', pre_norm=clip,
                             final_norm=not clip, patch_bias=not clip, act=c.hidden_act,
                             eps=c.layer_norm_eps, qkv_bias=getattr(c, 'qkv_bias', True))
-    e = 'embeddings.'
+    e, layer = 'embeddings.', 'encoder.layers.{}.'
+    block = {'norm1': 'layer_norm1', 'norm2': 'layer_norm2', 'mlp.fc1': 'mlp.fc1',
+             'mlp.fc2': 'mlp.fc2'}  # CLIP's and BLIP's; ViT's below
     if clip:
         key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding.weight',
                    'patch_embed': e + 'patch_embedding', 'pre_norm': 'pre_layrnorm',
                    'norm': 'post_layernorm'}
-        layer = 'encoder.layers.{}.'
-        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.out_proj', 'norm2': 'layer_norm2',
-                 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
-                 **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}}
-    elif c.model_type == 'blip_vision_model':  # pre-LN blocks, one fused qkv, LN on every token
+        block.update({'attn.proj': 'self_attn.out_proj',
+                      **{f'attn.{t}': f'self_attn.{t}_proj' for t in 'qkv'}})
+    elif c.model_type == 'blip_vision_model':  # one fused qkv, post-LN on every token
         key_map = {'cls_token': e + 'class_embedding', 'pos_embed': e + 'position_embedding',
                    'patch_embed': e + 'patch_embedding', 'norm': 'post_layernorm'}
-        layer = 'encoder.layers.{}.'
-        block = {'norm1': 'layer_norm1', 'attn.proj': 'self_attn.projection',
-                 'norm2': 'layer_norm2', 'mlp.fc1': 'mlp.fc1', 'mlp.fc2': 'mlp.fc2',
-                 **{f'attn.{t}': f'self_attn.{t}' for t in 'qkv'}}
+        block.update({'attn.proj': 'self_attn.projection',
+                      **{f'attn.{t}': f'self_attn.{t}' for t in 'qkv'}})
         for key in [k for k in state if '.self_attn.qkv.' in k]:  # rows: q, k, v (all heads)
             for t, part in zip('qkv', state.pop(key).chunk(3)):
                 state[key.replace('.qkv.', f'.{t}.')] = part
@@ -667,11 +667,9 @@ def load_tokenizer(name):
         raise unknown_backbone(name, 'tokenizer files', e) from None
 
 
-
 def release_config(name, model_type):
     """--init_from: None for a nanoalign checkpoint (a file, or a path ending in .pt), else the
-    config of the released Hugging Face model in folder or Hub id `name` (e.g. a BLIP captioner or
-    a LLaVA model), which must be of `model_type` ('blip', 'llava')."""
+    config of the released Hugging Face model (folder or Hub id) `name`, of `model_type`."""
     if not name or Path(name).suffix == '.pt' or Path(name).is_file():
         return None
     try:
@@ -684,6 +682,53 @@ def release_config(name, model_type):
         raise UserError(f"--init_from {name} is a released {config.model_type} model; this method "
                         f"starts from {model_type} models (or a ckpt.pt of its own)")
     return config
+
+
+def llava_release(cfg):
+    """--init_from DIR, a released LLaVA (folder or Hub id): both backbones of a VLM config become
+    DIR (config.json and checkpoints name it; naming DIR as both rebuilds the model), with its
+    feature layer and image size -> (cfg, the release's config), or (cfg, None) if none."""
+    same = cfg.vision_backbone == cfg.lm_backbone  # no tower is a causal LM: a release
+    name = cfg.lm_backbone if same else cfg.init_from
+    if not (config := release_config(name, 'llava')):
+        return cfg, None
+    layer, strategy = config.vision_feature_layer, config.vision_feature_select_strategy
+    if not isinstance(layer, int) or strategy not in ('default', 'full'):
+        raise UserError(f"--init_from {name} reads vision layers {layer} with strategy "
+                        f"'{strategy}'; supported: one layer (an int), its CLS dropped ('default') "
+                        f"or kept ('full'), as LLaVA-1.5's -2 and 'default'")
+    return dataclasses.replace(cfg, vision_backbone=name, lm_backbone=name, vision_layer=layer,
+                               image_size=config.vision_config.image_size), config
+
+
+def llava_from_hf(name, config, vision_dtype=None):
+    r"""A released LlavaForConditionalGeneration (`name`, `config` from release_config) taken apart
+    -> dict(vision: its CLIP tower, projector: its mlp2x_gelu as nn.Sequential(linear_1, act,
+    linear_2), llm: a plain causal LM of text_config made of its language model and lm_head,
+    tokenizer, n_special: 1 (CLS dropped, strategy 'default') or 0 ('full')). The released modules
+    themselves, not copies: a 7B model is in memory once.
+    Layout: LLaVA-1.5 expands '<image>' into config.image_token_id once per patch feature (576)
+    and overwrites those embeddings with the projected features in order, positions 0..L-1 along
+    the row: 'USER: <image>\n{q} ASSISTANT:' is cal.py's [image_text][n_image slots][prompt], the
+    same logits at every position (tested); the prompts are cal.py's, not LLaVA's chat template."""
+    try:
+        llava = transformers.LlavaForConditionalGeneration.from_pretrained(name,
+                                                                           dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise unknown_backbone(name, 'LLaVA weights', e) from None
+    with torch.device('meta'):  # an empty shell: its base model and head are the released ones
+        llm = transformers.AutoModelForCausalLM.from_config(config.text_config)
+    setattr(llm, llm.base_model_prefix, llava.model.language_model)
+    llm.lm_head = llava.lm_head
+    if any(t.is_meta for t in (*llm.parameters(), *llm.buffers())):  # a part left empty
+        raise UserError(f"--init_from {name}: its {type(llm).__name__} has parts besides the base "
+                        f"model and lm_head; LLaVAs on Llama-, Mistral- or Qwen2-like LMs work")
+    hf = llava.model.multi_modal_projector
+    return dict(vision=llava.model.vision_tower.to(vision_dtype or torch.float32), llm=llm,
+                projector=nn.Sequential(hf.linear_1, hf.act, hf.linear_2),
+                tokenizer=load_tokenizer(name),
+                n_special=int(config.vision_feature_select_strategy == 'default'))
+
 
 # ------------------------------------------------------------------------- paper-scale stand-ins
 # The presets' backbones with their published architectures and random weights, and a COCO-layout

@@ -19,6 +19,7 @@ ones it contradicts (noisy labels) count as little as the rest.
     python cal.py --data coco --data_root /data/coco  # CLIP ViT-L/14-336 + Qwen2.5-0.5B-Instruct,
                                                       # LLaVA-1.5 recipe
     torchrun --standalone --nproc_per_node=8 cal.py --data coco --data_root /data/coco
+    python cal.py --init_from llava-hf/llava-1.5-7b-hf --data coco ...  # CAL's setting: LLaVA-1.5
 """
 import itertools
 import math
@@ -48,10 +49,10 @@ METHOD = 'cal'
 @dataclass
 class Config(common.RunConfig):
     vision_backbone: str = 'shapes-tiny-vision'  # frozen vision tower: HF id, path or built-in name
-    lm_backbone: str = 'shapes-tiny-lm'          # causal LM: HF id (Qwen2, Llama, ...), path or
-                                                 # built-in
-    vision_layer: int = -2          # hidden state taken from the tower (LLaVA: the penultimate),
-                                    # CLS dropped
+    lm_backbone: str = 'shapes-tiny-lm'          # causal LM (Qwen2, Llama): HF id, path or built-in
+                                                 # (both DIR for a LLaVA --init_from DIR)
+    vision_layer: int = -2          # tower hidden state used (LLaVA: the penultimate), CLS dropped
+                                    # (a LLaVA release sets it and image_size)
     image_size: int = 64
     stage: str = 'both'             # 1 (projector on captions) | 2 (+ the LLM, captions and
                                     # questions) | both
@@ -92,12 +93,9 @@ REAL = dict(vision_backbone='openai/clip-vit-large-patch14-336',
 # LLaVA-1.5: stage 1 global batch 256 x 2,170 steps (558K), stage 2 batch 128 x 5,200 steps (665K).
 # Here 16 per GPU x 8 GPUs = 128, stage 2's batch (stage 1 alone at 256: --stage 1 --grad_accum 2).
 # Real runs see captions in both stages (LLaVA's instruction mix is not a captions folder).
-PRESETS = {
-    'shapes': dict(batch_size=32, stage1_steps=300, max_steps=600, lr=5e-4, warmup_steps=30,
-                   weight_decay=0.0, log_every=20),
-    'coco': REAL, 'json': REAL, 'flickr30k': REAL,
-}
-
+PRESETS = {'shapes': dict(batch_size=32, stage1_steps=300, max_steps=600, lr=5e-4, warmup_steps=30,
+                          weight_decay=0.0, log_every=20),
+           'coco': REAL, 'json': REAL, 'flickr30k': REAL}
 
 SHAPE_FLAGS = '--lm_backbone / --vision_backbone / --image_size'  # what a checkpoint must match
 
@@ -113,8 +111,7 @@ def check_config(cfg):
         raise UserError("--text_only_frac mixes text-only rows into stage 2; --stage 1 has none "
                         "(use --stage 2 or both)")
     if not set(cfg.cal_stages.split(',')) <= {'1', '2'}:
-        raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2, "
-                        f"e.g. 1,2 or 2")
+        raise UserError(f"--cal_stages '{cfg.cal_stages}' must list stages 1 and/or 2: 1,2 or 2")
     if not 0 < cfg.cal_alpha <= cfg.cal_beta or cfg.cal_window < 1 or cfg.cal_window % 2 == 0:
         raise UserError(f"need 0 < --cal_alpha ({cfg.cal_alpha}) <= --cal_beta ({cfg.cal_beta}) "
                         f"and an odd --cal_window ({cfg.cal_window})")
@@ -310,18 +307,19 @@ def collate_rows(items, tokenizer, cfg, n_image):
 
 class VLM(nn.Module):
     """Frozen vision tower -> mlp2x_gelu projector -> causal LLM that reads the image as n_image
-    input tokens."""
+    input tokens. A LLaVA release brings its trained projector and n_special (llava_from_hf)."""
 
-    def __init__(self, cfg, vision, llm, tokenizer):
+    def __init__(self, cfg, vision, llm, tokenizer, projector=None, n_special=None):
         super().__init__()
         self.cfg, self.tokenizer = cfg, tokenizer
         self.vision = vision.requires_grad_(False)
         Dv, H = vision.config.hidden_size, llm.config.hidden_size
-        self.projector = nn.Sequential(nn.Linear(Dv, H), nn.GELU(), nn.Linear(H, H))
+        self.projector = projector or nn.Sequential(nn.Linear(Dv, H), nn.GELU(), nn.Linear(H, H))
         self.llm = llm
         kind = vision.config.model_type
         # the tower's tokens before the patches: [CLS] (+ DeiT's dist)
-        self.n_special = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1
+        default = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1
+        self.n_special = default if n_special is None else n_special
         with torch.no_grad():
             blank_image = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
             self.n_image = self.vision_features(blank_image).shape[1]
@@ -381,10 +379,10 @@ class VLM(nn.Module):
         mask = batch['attention_mask'].scatter(1, eos_at, 0)[:, :-1]
         x = self.embed(ids.to(images.device), images, batch['image_start'], blind)
         x, mask = backbones.right_to_left_padding(x, mask.to(images.device))
-        # (B, new): the new tokens only
+        # (B, new): the new tokens only; by this rank alone, not waiting on others under FSDP
         new = self.llm.generate(inputs_embeds=x, attention_mask=mask, do_sample=False,
                                 max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                                pad_token_id=tok.pad_token_id)
+                                pad_token_id=tok.pad_token_id, synced_gpus=False)
         return [' '.join(t.split()) for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 # ----------------------------------------------------------------------------- CAL
@@ -697,30 +695,32 @@ def cal_overhead(model, batch, cfg, run, steps=5):
 def main(argv=None):
     cfg = common.parse_config(Config, PRESETS, argv, stem=METHOD)
     check_config(cfg)
-    run = common.setup(cfg)
+    cfg, release = backbones.llava_release(cfg)
+    released = release is not None and cfg.init_from == cfg.lm_backbone  # no ckpt.pt to load
+    run = common.setup(cfg, supports_fsdp=True)  # --fsdp: a 7B LLM shards over 8 GPUs
     out = Path(cfg.out_dir)
     world = None
     if cfg.data == 'shapes':
         world = ShapesWorld(seed=0, image_size=cfg.image_size, caption_noise=cfg.caption_noise)
     if not cfg.predict:
         build_dataset(cfg, 'test', world, max_images=1)  # fail early on a bad path or file
-    tokenizer = backbones.load_tokenizer(cfg.lm_backbone)
+    parts = (backbones.llava_from_hf(cfg.lm_backbone, release, run.dtype) if release else
+             dict(vision=backbones.load_backbone(cfg.vision_backbone, 'vision', dtype=run.dtype),
+                  llm=backbones.load_backbone(cfg.lm_backbone, 'lm'),
+                  tokenizer=backbones.load_tokenizer(cfg.lm_backbone)))
     # Llama-style tokenizers have none: pads are masked, any id will do
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    vision = backbones.load_backbone(cfg.vision_backbone, 'vision', dtype=run.dtype)
-    llm = backbones.load_backbone(cfg.lm_backbone, 'lm')
-    model = VLM(cfg, vision, llm, tokenizer).to(run.device)
+    if parts['tokenizer'].pad_token_id is None:
+        parts['tokenizer'].pad_token = parts['tokenizer'].eos_token
+    model = VLM(cfg, **parts).to(run.device)
     if cfg.grad_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    if cfg.predict:  # the checkpoint's config came with it (common.parse_config)
-        common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
-        if run.is_main:
+    # --predict's config came with its checkpoint (common.parse_config); a release: as loaded
+    if cfg.predict or cfg.eval_only:
+        if not released:
+            common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
+        if run.is_main and cfg.predict:
             predict(model, cfg, run)
-        return
-    if cfg.eval_only:
-        common.load_into(cfg.init_from or out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
-        if run.is_main:
+        elif run.is_main:
             metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
             print(common.write_metrics(cfg, metrics))
         return
@@ -729,12 +729,12 @@ def main(argv=None):
     if cfg.resume:
         state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)
         start = state['step']
-    elif cfg.init_from:  # weights only (e.g. --stage 2 from a stage-1 run)
+    elif cfg.init_from and not released:  # weights only (e.g. --stage 2 from a stage-1 run)
         common.load_into(cfg.init_from, METHOD, model, flags=SHAPE_FLAGS)
     common.seed_rank(cfg, run)
     stages = common.stage_ranges(cfg)
     logger = common.Logger(replace(cfg, max_steps=stages[-1][2]), run, start)
-    collate_fn = partial(collate_rows, tokenizer=tokenizer, cfg=cfg, n_image=model.n_image)
+    collate_fn = partial(collate_rows, tokenizer=model.tokenizer, cfg=cfg, n_image=model.n_image)
     trainable, batch = None, None
     for stage, first, last in stages:
         if last <= max(first, start):
@@ -744,11 +744,12 @@ def main(argv=None):
         model.llm.requires_grad_(stage == 2)  # stage 1: the LLM is frozen
         use_cal = cfg.cal and str(stage) in cfg.cal_stages.split(',')
         schedule = common.stage_schedule(cfg, stage, first, last)
+        # DDP syncs what requires grad when built: the projector in stage 1, + the LLM in stage 2;
+        # FSDP shards the model (once, in place) before the optimizer takes its parameters
+        trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         optimizer = torch.optim.AdamW(common.param_groups(module, cfg.weight_decay), lr=schedule.lr)
         common.resume_stage(state, stage, first, start, model, optimizer, out / 'ckpt.pt',
                             SHAPE_FLAGS)
-        # DDP syncs what requires grad when built: the projector in stage 1, + the LLM in stage 2
-        trainable = common.wrap_ddp(torch.compile(model) if cfg.compile else model, run)
         model.train()
         rows = training_rows(cfg, stage, world)
         batch_stream = partial(train_batches, rows, cfg.batch_size, collate_fn, cfg.seed + stage,
@@ -764,7 +765,7 @@ def main(argv=None):
             lr = common.lr_at(step - first, schedule)
             common.set_lr(optimizer, lr)
             for micro in range(cfg.grad_accum):
-                if run.distributed:  # sync gradients on the last micro-batch only
+                if run.distributed and not run.fsdp:  # DDP syncs the last micro-batch's only
                     trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
                 batch = common.to_device(next(batches), run.device)
                 with run.autocast():
@@ -777,19 +778,21 @@ def main(argv=None):
             optimizer.zero_grad(set_to_none=True)
             logger.step(step, {k: v.item() for k, v in losses.items()}, lr)
             evaluating = cfg.eval_every and (step + 1 - first) % cfg.eval_every == 0
-            if evaluating or step + 1 == last:
-                with logger.paused():
-                    if evaluating and step + 1 < last and run.is_main:
+            if evaluating and step + 1 < last:  # rank 0 evaluates (under FSDP the whole model)
+                with logger.paused(), common.unsharded(model):
+                    if run.is_main:
                         val = evaluate(model, cfg, 'val', run, world)
                         logger.log(dict(step=step + 1, **{f'val_{k}': v for k, v in val.items()}))
-                    if run.is_main:
-                        common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer,
-                                               step + 1, cfg, stage=stage)
-    if run.is_main:
-        metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
-        if cfg.stage != '1' and batch is not None:
-            metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
-        print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
+            if evaluating or step + 1 == last:
+                with logger.paused():  # every rank: under FSDP each sends its shards to rank 0
+                    common.save_checkpoint(out / 'ckpt.pt', METHOD, model, optimizer, step + 1, cfg,
+                                           stage=stage)
+    with common.unsharded(model):  # FSDP: every rank gathers the weights, rank 0 evaluates
+        if run.is_main:
+            metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
+            if cfg.stage != '1' and batch is not None and not run.fsdp:  # rank 0's step alone
+                metrics['cal_overhead'] = cal_overhead(model, batch, cfg, run)
+            print(common.write_metrics(cfg, {**metrics, **logger.speed()}))
     logger.close()
     trainable = None  # DDP's reducer goes before the process group
     common.teardown(run)

@@ -1,5 +1,5 @@
 """common.py — what every nanoalign method shares, and nothing that belongs to one method:
-config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP, bf16 autocast, seeds),
+config + CLI (RunConfig, parse_config), run setup (device, torchrun DDP / FSDP, autocast, seeds),
 training (lr schedule, AdamW groups, checkpoints, two stages, logger, all_gather, speed / MFU),
 metrics (retrieval, captioning, AUROC) and render_tokens. The backbones are in backbones.py."""
 import dataclasses
@@ -30,6 +30,9 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import get_stanford_models as spice_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+from torch.distributed.checkpoint import state_dict as dcp
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -37,6 +40,7 @@ from tqdm import tqdm
 from data import CLIP_MEAN, CLIP_STD, UserError
 
 # ----------------------------------------------------------------------------- config & CLI
+
 
 @dataclass
 class RunConfig:
@@ -62,6 +66,7 @@ class RunConfig:
     device: str = 'auto'        # auto | cpu | cuda
     dtype: str = 'auto'         # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
     compile: bool = False       # torch.compile the model
+    fsdp: bool = False          # FSDP2: shard params, grads, optimizer state over torchrun ranks
     num_workers: int = 0        # data loader workers
     max_bad_images: int = 0     # unreadable images to skip (counted) before stopping
     split_ratio: tuple = (0.9, 0.05, 0.05)  # train / val / test of an --ann_file without {split}
@@ -145,6 +150,7 @@ def main_guard(main):
 
 # ----------------------------------------------------------------------------- run setup
 
+
 @dataclass
 class Run:
     """What setup() decided for this process."""
@@ -152,6 +158,7 @@ class Run:
     rank: int = 0
     world_size: int = 1
     dtype: torch.dtype = torch.float32   # autocast dtype (float32 = no autocast)
+    fsdp: bool = False                   # --fsdp under torchrun: wrap_ddp shards (FSDP2), no DDP
 
     @property
     def is_main(self):
@@ -166,9 +173,11 @@ class Run:
         return nullcontext() if float32 else torch.autocast(self.device.type, dtype=self.dtype)
 
 
-def setup(cfg):
+def setup(cfg, supports_fsdp=False):
     """Device, DDP under torchrun, autocast dtype, seeds, TF32. Every rank seeds the same, so all
     build the same initial model; call seed_rank() before per-rank randomness (masks, sampling)."""
+    if cfg.fsdp and not supports_fsdp:
+        raise UserError("--fsdp: this method does not shard (its presets fit one GPU); drop it")
     if cfg.device == 'cuda' and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but CUDA is not available; "
                         "use --device cpu or auto")
@@ -192,7 +201,7 @@ def setup(cfg):
     if rank == 0 and not cfg.predict:  # --predict reads a run's out_dir and writes nothing there
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.out_dir) / 'config.json').write_text(json.dumps(asdict(cfg), indent=2))
-    return Run(device=device, rank=rank, world_size=world, dtype=dtype)
+    return Run(device=device, rank=rank, world_size=world, dtype=dtype, fsdp=cfg.fsdp and world > 1)
 
 
 def seed_rank(cfg, run):
@@ -227,13 +236,42 @@ def all_gather(x):
 
 def wrap_ddp(module, run):
     """DDP-wrap a trainable module. Frozen params (towers, momentum teachers) are not synced, nor
-    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues)."""
-    if not run.distributed:
-        return module
+    buffers each step (no BatchNorm; every rank enqueues the same gathered features in queues).
+    With run.fsdp: shard(module) instead, before the optimizer is built (the parameters are new)."""
+    if run.fsdp or not run.distributed:
+        return shard(module, run) if run.fsdp else module
     renamed = 'forward_sync_buffers' in inspect.signature(DistributedDataParallel).parameters
     no_buffer_sync = 'forward_sync_buffers' if renamed else 'broadcast_buffers'  # torch 2.15
     device_ids = [run.device.index] if run.device.type == 'cuda' else None
     return DistributedDataParallel(module, device_ids=device_ids, **{no_buffer_sync: False})
+
+
+def shard(model, run):
+    """FSDP2 in place, once (a later stage keeps the shards; FSDP2 reads requires_grad at every
+    gather): a unit per block of every nn.ModuleList holding parameters (an LLM's decoder layers,
+    a vision tower's; a list has no forward to hook), the root holds the rest. -> model"""
+    module, mesh = unwrap(model), dist.init_device_mesh(run.device.type, (run.world_size,))
+    lists = [m for m in module.modules() if isinstance(m, torch.nn.ModuleList)]
+    blocks = [b for m in reversed(lists) for b in m if any(True for _ in b.parameters())]
+    for unit in [] if isinstance(module, FSDPModule) else [*blocks, module]:  # inner ones first
+        fully_shard(unit, mesh=mesh)  # on the run's device (CUDA may be there and unused)
+    return model
+
+
+@contextmanager
+def unsharded(model):
+    """Under FSDP every rank gathers the whole model for the block, in which rank 0 alone may run
+    forwards (evaluation; none is collective then); after it every rank shards it again and FSDP
+    forgets rank 0's forwards (they would steer its next backward's prefetches alone)."""
+    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]  # the root first
+    for unit in units:  # every rank, in the same order
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    yield
+    for unit in units:  # FSDP's defaults: blocks reshard after forward, the root does not
+        unit.set_reshard_after_forward(unit is not units[0], recurse=False)
+    for root in units[:1]:
+        root.reset_iter_state()  # every unit resharded, the block's forwards forgotten
 
 
 def teardown(run):
@@ -256,6 +294,7 @@ def to_device(batch, device):
             for k, v in batch.items()}
 
 # ----------------------------------------------------------------------------- optimisation
+
 
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr over warmup_steps, then cosine to lr * min_lr_ratio at max_steps."""
@@ -281,11 +320,11 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def _rng_state():
     np_state = np.random.get_state()
-    return dict(torch=torch.get_rng_state(),
+    return dict(torch=torch.get_rng_state(), python=random.getstate(),
                 cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                python=random.getstate(),
                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
 
 
@@ -298,10 +337,29 @@ def set_rng_state(state):
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
 
 
+def _rekey(optim_state, module, optimizer):
+    """Optimizer state keyed by parameter index (torch's) <-> by name (FSDP's checkpoint API)."""
+    names = {p: n for n, p in module.named_parameters()}
+    order = [names[p] for group in optimizer.param_groups for p in group['params']]
+    key = {**dict(enumerate(order)), **{n: i for i, n in enumerate(order)}}  # index <-> name
+    groups = [dict(g, params=[key[k] for k in g['params']]) for g in optim_state['param_groups']]
+    return dict(state={key[k]: v for k, v in optim_state['state'].items()}, param_groups=groups)
+
+
 def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
-    crash mid-write never leaves a broken ckpt.pt. Call on rank 0."""
-    state = dict(method=method, model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(),
+    crash mid-write never leaves a broken ckpt.pt. Rank 0 writes; under FSDP every rank must call
+    it (each sends its shards: rank 0 gets whole tensors in CPU memory, the file of one process)."""
+    module = unwrap(model)
+    weights, optim = module.state_dict(), optimizer.state_dict()
+    if isinstance(module, FSDPModule):  # (the other ranks get empty dicts)
+        full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
+        weights = dcp.get_model_state_dict(module, options=full)
+        optim = dcp.get_optimizer_state_dict(module, optimizer, options=full)
+        optim = _rekey(optim, module, optimizer) if optim else optim
+    if dist.is_initialized() and dist.get_rank() > 0:
+        return
+    state = dict(method=method, model=weights, optimizer=optim,
                  step=step, config=asdict(cfg), rng=_rng_state(), **extra)
     tmp = Path(path).with_suffix('.tmp')
     torch.save(state, tmp)
@@ -329,11 +387,18 @@ def load_checkpoint(path, method, map_location='cpu'):
 def restore(state, model, optimizer=None, path='the checkpoint', flags='the sizes or backbones'):
     """Put a checkpoint back: weights, and for --resume the optimizer and RNG streams -> its step.
     A checkpoint of another shape is a UserError naming the file and the flags that set shapes."""
+    module, full = unwrap(model), dcp.StateDictOptions(full_state_dict=True)
     try:
-        unwrap(model).load_state_dict(state['model'])
-        if optimizer is not None:
-            optimizer.load_state_dict(state['optimizer'])
-    except (RuntimeError, ValueError) as e:
+        if isinstance(module, FSDPModule):  # every rank cuts its shards out of the whole tensors
+            dcp.set_model_state_dict(module, state['model'], options=full)
+            if optimizer is not None:
+                optim = _rekey(state['optimizer'], module, optimizer)
+                dcp.set_optimizer_state_dict(module, optimizer, optim, options=full)
+        else:
+            module.load_state_dict(state['model'])
+            if optimizer is not None:
+                optimizer.load_state_dict(state['optimizer'])
+    except (RuntimeError, ValueError, KeyError) as e:
         raise UserError(f"{path} does not fit this model; were {flags} different? "
                         f"({str(e).splitlines()[0][:200]})") from None
     if optimizer is not None:
@@ -370,6 +435,7 @@ def check_finite(loss, step, cfg):
 
 # ----------------------------------------------------------------------------- two-stage methods
 
+
 def stage_ranges(cfg):
     """--stage 1 | 2 | both -> [(stage, first, last)]: each stage's global steps [first, last),
     empty if not run: stage 1 runs --stage1_steps (at --stage1_lr), stage 2 --max_steps (--lr)."""
@@ -393,6 +459,7 @@ def resume_stage(state, stage, first, start, model, optimizer, path, flags):
         set_rng_state(state['rng'])
 
 # ----------------------------------------------------------------------------- logging & speed
+
 
 def peak_memory_mb(device):
     """Peak CUDA memory allocated; on CPU the process's peak resident memory."""
@@ -484,7 +551,8 @@ def count_flops(loss_of_one_batch, model, samples, run):
     if run.device.type != 'cuda':
         return None
     module = unwrap(model)
-    saved = {k: v.detach().to('cpu', copy=True) for k, v in module.state_dict().items()}
+    saved = {k: v.detach().clone() if isinstance(v, DTensor) else v.detach().to('cpu', copy=True)
+             for k, v in module.state_dict().items()}  # FSDP's shards (DTensor) stay where they are
     rng = _rng_state()
     with FlopCounterMode(display=False) as counter:
         with run.autocast():
@@ -517,18 +585,14 @@ def retrieval_metrics(sims, image_texts, texts=None, sims_t2i=None):
     n_img, n_txt = sims.shape
     if texts is not None and len(texts) != n_txt:
         raise ValueError(f'retrieval_metrics: {len(texts)} texts for {n_txt} columns of sims')
-    if texts is None:
-        correct = torch.zeros(n_img, n_txt, dtype=torch.bool)  # (I, T)
-        for i, ids in enumerate(image_texts):
-            correct[i, ids] = True
-    else:  # ShapesWorld images can share a description, and no model can break such ties
-        ids_of = {}  # distinct string -> its id
-        text_id = torch.tensor([ids_of.setdefault(t, len(ids_of)) for t in texts])  # (T,)
-        has_text = torch.zeros(n_img, len(ids_of), dtype=torch.bool)  # (I, distinct texts)
-        for i, ids in enumerate(image_texts):
-            has_text[i, text_id[ids]] = True
-        correct = has_text[:, text_id]  # (I, T)
-    correct = correct.to(sims.device)
+    # equal texts are one (ShapesWorld images can share a description: no model breaks such ties)
+    ids_of = {}  # distinct string -> its id
+    text_id = torch.tensor([ids_of.setdefault(t, len(ids_of))
+                            for t in (range(n_txt) if texts is None else texts)])  # (T,)
+    has_text = torch.zeros(n_img, len(ids_of), dtype=torch.bool)  # (I, distinct texts)
+    for i, ids in enumerate(image_texts):
+        has_text[i, text_id[ids]] = True
+    correct = has_text[:, text_id].to(sims.device)  # (I, T)
     for name, rows in (('image', correct.any(1)), ('text', correct.any(0))):
         if not rows.all():
             raise ValueError(f'retrieval_metrics: {name} {int((~rows).nonzero()[0])} has no '
@@ -588,8 +652,7 @@ def caption_metrics(predictions, references):
     there), and ptb_tokenizer: 'java' or 'python'. predictions: {id: caption}; references: {id:
     [raw caption, ...]}, scored as COCO does (PTB-tokenised, never truncated). Scorers run one by
     one (COCOEvalCap.evaluate would download CoreNLP for SPICE). Without Java: no meteor key."""
-    if predictions.keys() != references.keys():
-        missing = set(predictions) ^ set(references)
+    if missing := set(predictions) ^ set(references):
         raise ValueError(f'caption_metrics: ids {sorted(missing, key=str)[:5]} are in only one of '
                          f'predictions / references')
     if not all(references.values()):

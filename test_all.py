@@ -2566,6 +2566,90 @@ def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, t
         assert_same_weights(straight['model'], resumed['model'])
 
 
+def test_shard_makes_each_decoder_layer_and_vision_layer_an_fsdp_unit_under_the_root(tiny_backbones):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    model = cal_model(tiny_backbones)
+    layers = [m for lists in (model.llm.model.layers, model.vision.layers) for m in lists]
+    torch.distributed.init_process_group('gloo', store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        run = common.Run(device=torch.device('cpu'), fsdp=True)
+        assert common.shard(model, run) is model and common.shard(model, run) is model  # in place, once
+        assert all(isinstance(m, FSDPModule) for m in [model, *layers])
+        assert not any(isinstance(m, FSDPModule) for m in (model.llm, model.llm.model, model.projector))
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+CAL_FSDP_SCRIPT = '''
+import shutil, sys
+sys.path.insert(0, {repo!r})
+import common, cal
+argv, out = {argv!r}, {out!r}
+common.teardown = lambda run: None           # one process group for all runs (a second one can hang)
+cal.main(argv + ['--out_dir', out + '/straight'])
+cal.main(argv + ['--out_dir', out + '/ddp', '--fsdp', 'false'])
+
+
+class Died(Exception):
+    pass
+
+
+save = common.save_checkpoint
+
+
+def save_then_die(path, method, model, optimizer, step, cfg, **extra):  # on every rank
+    save(path, method, model, optimizer, step, cfg, **extra)
+    if step == 3 and common.dist.get_rank() == 0:
+        shutil.copy(path, out + '/stage1.pt')    # the end of stage 1, before stage 2 overwrites it
+    if step in (3, 5):
+        raise Died
+
+
+common.save_checkpoint = save_then_die
+for resume in ('false', 'true', 'true'):     # killed at the end of stage 1, again in stage 2, then to the end
+    try:
+        cal.main(argv + ['--out_dir', out + '/resumed', '--resume', resume])
+    except Died:
+        pass
+common.dist.barrier()
+common.dist.destroy_process_group()
+'''
+
+
+def test_cal_fsdp_on_two_ranks_checkpoints_whole_tensors_and_resumes_to_the_same_losses(tiny_backbones, tmp_path):
+    argv = CAL_TINY + ['--fsdp', 'true', '--device', 'cpu', '--eval_every', '2', '--eval_images', '2',
+                       '--grad_checkpointing', 'true', '--batch_size', '2', '--grad_accum', '2']
+    script = tmp_path / 'fsdp.py'
+    script.write_text(CAL_FSDP_SCRIPT.format(repo=str(REPO), argv=argv, out=str(tmp_path)))
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1', 'NANOALIGN_BACKBONES': str(tiny_backbones)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = lambda run: [(r['step'], r['loss']) for r in read_log(tmp_path / run) if 'loss' in r]
+    assert losses('resumed') == losses('straight') and len(losses('straight')) == 6
+    straight, resumed = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('straight', 'resumed'))
+    assert_same_weights(straight['model'], resumed['model'])
+    ddp = torch.load(tmp_path / 'ddp' / 'ckpt.pt', weights_only=True)                # the same two ranks unsharded
+    assert_same_weights(straight['model'], ddp['model'], atol=1e-5)
+    assert np.allclose([loss for _, loss in losses('ddp')], [loss for _, loss in losses('straight')], atol=1e-5)
+    model = cal_model(tiny_backbones)
+    before, stage1 = model.state_dict(), torch.load(tmp_path / 'stage1.pt', weights_only=True)
+    changed = lambda after, prefix: [k for k in before if k.startswith(prefix) and not torch.equal(before[k], after[k])]
+    assert changed(stage1['model'], 'projector.') and not changed(stage1['model'], 'llm.')   # stage 1: projector only
+    assert changed(straight['model'], 'llm.') and not changed(straight['model'], 'vision.')
+    assert straight['model'].keys() == before.keys() and all(not isinstance(v, torch.distributed.tensor.DTensor)
+                                                             for v in straight['model'].values())
+    optimizer = torch.optim.AdamW(common.param_groups(torch.nn.ModuleList([model.projector, model.llm]), 0.0))
+    optimizer.load_state_dict(straight['optimizer'])                      # torch's own format, indexed params
+    sharded = json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+    cal.main(CAL_TINY + ['--eval_only', 'true', '--eval_images', '2', '--out_dir', str(tmp_path / 'straight'),
+                         '--fsdp', 'true'])                               # one process: --fsdp runs unsharded
+    alone = json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+    assert {k: v for k, v in sharded.items() if k in alone} == alone and 'cider' in alone
+
+
 def test_cal_loads_a_vision_model_and_a_qwen2_llm_saved_locally(tiny_backbones, tmp_path):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     tokenizer = backbones.build_tokenizer()
@@ -2699,6 +2783,104 @@ def test_answer_noise_changes_one_word_of_visual_answers_in_training_only():
     clean_qa = cal.questions_and_noise(clean, 'val', 0)[0]
     assert cal.questions_and_noise(noisy, 'val', 0) == (clean_qa, [-1] * len(clean_qa))
 
+
+def tiny_llava(folder, layer=-2, strategy='default'):
+    """A tiny random LLaVA release saved to `folder` as LlavaForConditionalGeneration.save_pretrained writes it (CLIP
+    tower 32 px / patch 8 -> 16 patches, Llama LM 48 wide), with the built-in tokenizer plus an <image> token whose id
+    is the config's image_token_id -> the HF model (eval, fp32). Every weight is moved off its initial value (biases 0,
+    norms 1) so a weight left out or misplaced by the loading shows in the logits."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    tokenizer = backbones.build_tokenizer()
+    tokenizer.add_tokens(['<image>'], special_tokens=True)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, hidden_act='quick_gelu')
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), vision_feature_layer=layer,
+                         image_token_id=tokenizer.convert_tokens_to_ids('<image>'),
+                         vision_feature_select_strategy=strategy)
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
+
+
+@pytest.mark.parametrize('layer, strategy', [(-2, 'default'), (-1, 'full')])
+def test_a_released_llava_loaded_by_cal_gives_the_hf_logits_at_every_position(tmp_path, layer, strategy):
+    hf = tiny_llava(tmp_path / 'llava', layer, strategy)
+    cfg = parse_config(cal.Config, cal.PRESETS, ['--init_from', str(tmp_path / 'llava')], stem='cal')
+    cfg, release = backbones.llava_release(cfg)
+    assert (cfg.vision_layer, cfg.image_size) == (layer, 32)                    # the release's, not the defaults
+    assert cfg.vision_backbone == cfg.lm_backbone == str(tmp_path / 'llava')
+    parts = backbones.llava_from_hf(cfg.lm_backbone, release)
+    model = cal.VLM(cfg, **parts).eval()
+    assert model.n_image == 16 + (strategy == 'full')                           # 'full' keeps the CLS
+    world = data.ShapesWorld(seed=0, image_size=32)
+    items = [dict(image=world.transform(world.image('test', i)), caption=world.captions('test', i)[i], image_id=i)
+             for i in range(3)]
+    rows = cal.collate_rows(items, model.tokenizer, cfg, model.n_image)          # right-padded, lengths differ
+    start, N, mask = rows['image_start'], model.n_image, rows['attention_mask']
+    assert not mask.all()
+    hf_ids = rows['input_ids'].clone()
+    hf_ids[:, start:start + N] = hf.config.image_token_id                        # LLaVA: the image id once per feature
+    with torch.no_grad():
+        theirs = hf(input_ids=hf_ids, pixel_values=rows['image'], attention_mask=mask).logits   # (B, L, V)
+        ours = model(rows['input_ids'], rows['image'], start, mask)[0]                          # (B, L, V)
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-4
+        # the comparison can tell a wrong mapping: a fresh projector, or another feature layer, is far off
+        for wrong in (cal.VLM(cfg, **dict(parts, projector=None)), cal.VLM(replace(cfg, vision_layer=layer - 1), **parts)):
+            assert (wrong(rows['input_ids'], rows['image'], start, mask)[0] - theirs).abs().max() > 1e-2
+
+
+def test_cal_eval_only_evaluates_a_released_llava_as_loaded(tiny_backbones, tmp_path):
+    tiny_llava(tmp_path / 'llava')
+    out = tmp_path / 'out'
+    cal.main(CAL_TINY + ['--init_from', str(tmp_path / 'llava'), '--eval_only', 'true', '--out_dir', str(out)])
+    assert {'cider', 'blind_cider', 'vqa_acc', 'delta_auroc'} <= set(json.loads((out / 'metrics.json').read_text()))
+    config = json.loads((out / 'config.json').read_text())
+    assert config['vision_backbone'] == config['lm_backbone'] == str(tmp_path / 'llava')   # recorded as the backbones
+    assert (config['vision_layer'], config['image_size']) == (-2, 32)
+    assert not (out / 'ckpt.pt').exists()
+
+
+def test_cal_trains_from_a_released_llava_and_predicts_from_that_checkpoint(tiny_backbones, tmp_path, capsys):
+    hf = tiny_llava(tmp_path / 'llava')
+    cal.main(CAL_TINY + ['--init_from', str(tmp_path / 'llava'), '--out_dir', str(tmp_path / 'run')])
+    trained = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)['model']
+    released = dict({f'vision.{k}': v for k, v in hf.model.vision_tower.state_dict().items()},
+                    **{f'projector.{k}': v for k, v in (('0.weight', hf.model.multi_modal_projector.linear_1.weight),
+                                                        ('2.weight', hf.model.multi_modal_projector.linear_2.weight))},
+                    **{f'llm.model.{k}': v for k, v in hf.model.language_model.state_dict().items()},
+                    **{'llm.lm_head.weight': hf.lm_head.weight})
+    for k, v in released.items():
+        if k.startswith('vision.'):
+            assert torch.equal(trained[k], v), k                                 # the tower stays frozen
+    for k in ('projector.0.weight', 'projector.2.weight', 'llm.model.embed_tokens.weight', 'llm.lm_head.weight'):
+        change = (trained[k] - released[k]).abs().max()
+        assert 0 < change < 0.05, (k, change)                                    # trained, from the release's weights
+    image = tmp_path / 'red.png'
+    _save_image(image)
+    capsys.readouterr()
+    cal.main(['--predict', str(image), '--init_from', str(tmp_path / 'run' / 'ckpt.pt')])  # the config names the release
+    assert f'{image}\n  describe this image . -> ' in capsys.readouterr().out
+
+
+def test_cal_init_from_another_model_type_or_unsupported_llava_features_gets_one_clear_message(tmp_path):
+    from transformers import LlavaConfig
+    BertModel(BertConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         intermediate_size=64)).save_pretrained(tmp_path / 'bert')
+    LlavaConfig(vision_feature_layer=[-2, -5]).save_pretrained(tmp_path / 'multi')       # a config is enough to tell
+    for folder, message in (('bert', 'is a released bert model; this method starts from llava models'),
+                            ('multi', "reads vision layers [-2, -5] with strategy 'default'; supported: one layer")):
+        with pytest.raises(UserError, match=re.escape(f'--init_from {tmp_path / folder} {message}')):
+            cal.main(CAL_TINY + ['--init_from', str(tmp_path / folder), '--eval_only', 'true',
+                                 '--out_dir', str(tmp_path / 'out')])
+
 # ============================================================================= the four method files together
 
 from dataclasses import fields
@@ -2747,6 +2929,13 @@ def test_every_method_counts_flops_on_a_step_that_leaves_training_unchanged(name
     assert counted and all(flops > 0 for flops in counted)  # one count per stage
     plain, with_count = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('plain', 'counted'))
     assert_same_weights(plain['model'], with_count['model'], atol=0)
+
+
+@pytest.mark.parametrize('name', ['albef_epic', 'align_two_phase', 'blip_gated_sparse'])
+def test_fsdp_is_refused_by_the_methods_whose_presets_fit_one_gpu(name, tmp_path):
+    module = dict(albef_epic=ae, align_two_phase=a2p, blip_gated_sparse=bgs)[name]
+    with pytest.raises(UserError, match='--fsdp: this method does not shard'):
+        module.main(['--fsdp', 'true', '--out_dir', str(tmp_path)])
 
 
 def test_the_paper_scale_stand_ins_have_the_published_sizes():
