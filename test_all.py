@@ -2032,7 +2032,7 @@ def greedy_blip_by_hand(model, image, steps):
 def test_greedy_generation_equals_decoding_by_hand_and_beam_search_with_the_cache_equals_it_without(
         tiny_backbones):
     model = blip(tiny_backbones, '--max_new_tokens', '8', '--min_new_tokens', '2', '--sparsity', '0.5')
-    perturb_gates(model)
+    perturb_gates(model, seed=3)                                                 # a draw whose captions vary
     torch.nn.init.normal_(model.decoder.lm_head.dense.weight, std=0.2)          # the few-step backbone says 'a'
     image = model.encode_image(torch.randn(16, 3, 64, 64))
     with torch.no_grad():
@@ -2048,7 +2048,7 @@ def test_greedy_generation_equals_decoding_by_hand_and_beam_search_with_the_cach
 def test_beam_search_with_the_cache_gives_the_step_logits_of_no_cache_and_projects_the_image_once_per_generate(
         tiny_backbones):
     model = blip(tiny_backbones, '--max_new_tokens', '8', '--min_new_tokens', '2', '--sparsity', '0.5')
-    perturb_gates(model)                                                         # gate kv and top-k on
+    perturb_gates(model, seed=3)                                                 # gate kv and top-k on
     torch.nn.init.normal_(model.decoder.lm_head.dense.weight, std=0.2)          # the few-step backbone says 'a'
     image = model.encode_image(torch.randn(5, 3, 64, 64))
     logits, k_calls = [], []                                                     # per decoder call
