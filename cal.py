@@ -316,8 +316,7 @@ class VLM(nn.Module):
         Dv, H = vision.config.hidden_size, llm.config.hidden_size
         self.projector = projector or nn.Sequential(nn.Linear(Dv, H), nn.GELU(), nn.Linear(H, H))
         self.llm = llm
-        kind = vision.config.model_type
-        # the tower's tokens before the patches: [CLS] (+ DeiT's dist)
+        kind = vision.config.model_type  # tokens before the patches: [CLS] (+ DeiT's dist)
         default = 0 if kind.startswith('siglip') else 2 if kind == 'deit' else 1
         self.n_special = default if n_special is None else n_special
         with torch.no_grad():
@@ -724,7 +723,6 @@ def main(argv=None):
             metrics = evaluate(model, cfg, 'test', run, world, png=out / f'{METHOD}.png')
             print(common.write_metrics(cfg, metrics))
         return
-
     state, start = None, 0
     if cfg.resume:
         state = common.load_into(out / 'ckpt.pt', METHOD, model, flags=SHAPE_FLAGS)

@@ -41,7 +41,6 @@ from data import CLIP_MEAN, CLIP_STD, UserError
 
 # ----------------------------------------------------------------------------- config & CLI
 
-
 @dataclass
 class RunConfig:
     """The fields every method file has, under the same names. Methods subclass it."""
@@ -149,7 +148,6 @@ def main_guard(main):
         sys.exit(2)
 
 # ----------------------------------------------------------------------------- run setup
-
 
 @dataclass
 class Run:
@@ -295,7 +293,6 @@ def to_device(batch, device):
 
 # ----------------------------------------------------------------------------- optimisation
 
-
 def lr_at(step, cfg):
     """Linear warm-up to cfg.lr over warmup_steps, then cosine to lr * min_lr_ratio at max_steps."""
     if step < cfg.warmup_steps:
@@ -319,7 +316,6 @@ def set_lr(optimizer, lr):
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 # ----------------------------------------------------------------------------- checkpoints
-
 
 def _rng_state():
     np_state = np.random.get_state()
@@ -350,14 +346,15 @@ def save_checkpoint(path, method, model, optimizer, step, cfg, **extra):
     """Model, optimizer, step, RNG states and config, written atomically (temp file + rename): a
     crash mid-write never leaves a broken ckpt.pt. Rank 0 writes; under FSDP every rank must call
     it (each sends its shards: rank 0 gets whole tensors in CPU memory, the file of one process)."""
-    module = unwrap(model)
-    weights, optim = module.state_dict(), optimizer.state_dict()
+    module, rank = unwrap(model), dist.get_rank() if dist.is_initialized() else 0
     if isinstance(module, FSDPModule):  # (the other ranks get empty dicts)
         full = dcp.StateDictOptions(full_state_dict=True, cpu_offload=True)
         weights = dcp.get_model_state_dict(module, options=full)
         optim = dcp.get_optimizer_state_dict(module, optimizer, options=full)
         optim = _rekey(optim, module, optimizer) if optim else optim
-    if dist.is_initialized() and dist.get_rank() > 0:
+    elif rank == 0:  # DDP: the other ranks hold the same weights, nothing to gather
+        weights, optim = module.state_dict(), optimizer.state_dict()
+    if rank > 0:
         return
     state = dict(method=method, model=weights, optimizer=optim,
                  step=step, config=asdict(cfg), rng=_rng_state(), **extra)
@@ -435,7 +432,6 @@ def check_finite(loss, step, cfg):
 
 # ----------------------------------------------------------------------------- two-stage methods
 
-
 def stage_ranges(cfg):
     """--stage 1 | 2 | both -> [(stage, first, last)]: each stage's global steps [first, last),
     empty if not run: stage 1 runs --stage1_steps (at --stage1_lr), stage 2 --max_steps (--lr)."""
@@ -459,7 +455,6 @@ def resume_stage(state, stage, first, start, model, optimizer, path, flags):
         set_rng_state(state['rng'])
 
 # ----------------------------------------------------------------------------- logging & speed
-
 
 def peak_memory_mb(device):
     """Peak CUDA memory allocated; on CPU the process's peak resident memory."""
