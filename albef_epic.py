@@ -13,13 +13,15 @@ loss (ITA) against a queue of a momentum teacher's features before a fusion enco
 from text to image, and trains the fusion with image-text matching on hard negatives (ITM) and
 masked language modelling (MLM), distilling the teacher's soft targets into both. A vision-language
 model can still learn to predict a masked word from the rest of the caption alone; EPIC therefore
-masks the words that matter most for matching this image (the teacher's saliency), lets a small
-text-only language model write plausible but image-inconsistent replacements, and trains a head to
-say, token by token, whether each word of the corrupted caption is consistent with the image (ITC).
+masks words drawn by how much their match with this image rests on the image (the teacher's
+saliency: Grad-CAM of its matching score), lets a small text-only language model write plausible
+but image-inconsistent replacements, and trains a head to say, token by token, whether each word
+of the corrupted caption is consistent with the image (ITC).
 
     python albef_epic.py                    # ShapesWorld, EPIC with saliency masking, CPU, minutes
     python albef_epic.py --epic none        # plain ALBEF (the ablation's first row)
     python albef_epic.py --epic random      # consistency task on randomly chosen tokens
+    python albef_epic.py --mask_temperature 0   # rewrite the most salient words (top-k)
     python albef_epic.py --prune_keep 0.5   # E-PITC: the consistency pass sees the top 50% patches
     python albef_epic.py --data coco --data_root /data/coco   # DeiT-B/16 + BERT-base 6+6, 256 px
     torchrun --standalone --nproc_per_node=8 albef_epic.py --data coco --data_root /data/coco
@@ -73,9 +75,13 @@ class Config(common.RunConfig):
     mlm_prob: float = 0.15          # MLM masking rate (80% [MASK] / 10% random / 10% kept)
     epic: str = 'saliency'          # none (plain ALBEF) | random | saliency:
                                     # which tokens the generator rewrites
-    saliency: str = 'attention'     # attention (teacher's fused [CLS] -> token)
-                                    # | necessity (what the image adds)
+    saliency: str = 'gradcam'       # gradcam (Grad-CAM of the teacher's ITM score on a fusion
+                                    # layer's cross-attention) | necessity (what the image adds)
+    gradcam_layer: int = 0          # the fusion layer Grad-CAM reads, counted from the first
+                                    # (ALBEF's Grounding.py: BERT layer 8 = fusion layer 2 of 6)
     mask_ratio: float = 0.35        # EPIC rewrites ceil(mask_ratio * n) tokens of an n-word caption
+    mask_temperature: float = 1.0   # tokens drawn without replacement with p ~ softmax(z / T),
+                                    # z = the caption's standardised saliency (0: the top-k)
     lambda_itc: float = 8.0         # weight of the consistency loss
     generator_layers: int = 2       # depth of the text-only generator
                                     # (the text backbone's first layers)
@@ -93,7 +99,7 @@ class Config(common.RunConfig):
 REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='bert-base-uncased',
             fusion_layers=6, image_size=256, max_len=40, queue_size=65536, batch_size=64, lr=1e-4,
             weight_decay=0.02, warmup_steps=2000, max_steps=100_000, alpha_warmup_steps=2000,
-            k_test=256, log_every=50, eval_every=5000, grad_checkpointing=True)
+            k_test=256, log_every=50, eval_every=5000, grad_checkpointing=True, gradcam_layer=2)
 PRESETS = {  # shapes: ~10.5 minutes on 2 CPU cores. A run this short wants a short queue (the
     # teacher's features go stale within a few steps: a 1,024 queue cost 17 rmean), a high lr, and
     # ITM negatives that become hard only once ITM has learned the easy ones (hard negatives from
@@ -109,13 +115,22 @@ SHAPE_FLAGS = '--epic / --embed_dim / --queue_size / --fusion_layers or the back
 
 
 def check_config(cfg):
-    choices = dict(epic=('none', 'random', 'saliency'), saliency=('attention', 'necessity'))
+    choices = dict(epic=('none', 'random', 'saliency'), saliency=('gradcam', 'necessity'))
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name} '{getattr(cfg, name)}' is not one of {', '.join(allowed)}")
     if not 0 < cfg.prune_keep <= 1 or not 0 < cfg.mask_ratio <= 1:
         raise UserError(f"--prune_keep ({cfg.prune_keep}) and --mask_ratio ({cfg.mask_ratio}) "
                         f"are fractions in (0, 1]")
+    if cfg.mask_temperature < 0:
+        raise UserError(f"--mask_temperature {cfg.mask_temperature} must be >= 0 (0: the top-k)")
+    # Only the [CLS] row of the last fusion layer reaches the ITM score: its word rows get no
+    # gradient, so Grad-CAM there is 0 for every word.
+    if cfg.saliency == 'gradcam' and not 0 <= cfg.gradcam_layer < cfg.fusion_layers - 1:
+        raise UserError(f"--gradcam_layer {cfg.gradcam_layer} must be a fusion layer below the "
+                        f"last, 0 .. {cfg.fusion_layers - 2} of --fusion_layers "
+                        f"{cfg.fusion_layers} (the last one's words get no ITM gradient); "
+                        f"with one fusion layer use --saliency necessity")
     if cfg.batch_size < 2:
         raise UserError("--batch_size must be >= 2: "
                         "ITM draws each hard negative from the rest of the batch")
@@ -147,8 +162,9 @@ class ALBEF(nn.Module):
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def encode_image(self, images):  # (B, 3, H, W) -> (B, 1+N, Dv)
-        return self.visual_encoder(images)
+    def encode_image(self, images, return_attn=False):
+        # (B, 3, H, W) -> (B, 1+N, Dv) [, the last ViT block's attention (B, heads, 1+N, 1+N)]
+        return self.visual_encoder(images, return_attn=return_attn)
 
     def encode_text(self, ids, mask):  # (B, L) -> (B, L, Dt), text layers only (no image)
         x, attn_mask = self.embeddings(ids), padding_mask(mask)
@@ -302,6 +318,32 @@ def top_fraction(scores, allowed, fraction):
     return allowed & (rank < k)
 
 
+def sample_tokens(scores, allowed, fraction, temperature, generator=None):
+    """(B, L) -> bool mask of ceil(fraction * n) allowed tokens per row, drawn without replacement
+    with probability ~ softmax(z / temperature), z = the row's scores standardised over its
+    allowed tokens (so the temperature does not depend on the scores' scale). Gumbel-top-k: the
+    top k of z / T + Gumbel noise are such a draw (Kool et al., ICML 2019). temperature 0: the k
+    highest scores; a large one: uniform."""
+    n = allowed.sum(1, keepdim=True).clamp(min=1)
+    scores = scores.float().masked_fill(~allowed, 0)
+    mean = scores.sum(1, keepdim=True) / n
+    std = (((scores - mean) * allowed) ** 2).sum(1, keepdim=True).div(n).sqrt()
+    z = (scores - mean) / (std + 1e-6)
+    if temperature > 0:
+        uniform = torch.rand(z.shape, generator=generator, device=z.device)
+        z = z / temperature - torch.log(-torch.log(uniform.clamp(1e-20, 1 - 1e-7)))
+    return top_fraction(z, allowed, fraction)
+
+
+def gradcam(cross_probs, cross_grads, n_special=1):
+    """ALBEF's grounding signal (its Grounding.py), per text token: the cross-attention
+    probabilities (B, heads, L, M) times the score's gradient w.r.t. them, clamped at 0, mean over
+    heads, summed over the patches (the image's [CLS] and other special tokens left out).
+    -> (B, L) in float32 (bf16 would tie neighbouring tokens)."""
+    cam = cross_grads.float().clamp(min=0) * cross_probs.float()
+    return cam.mean(1)[..., n_special:].sum(-1)
+
+
 @torch.no_grad()
 def rewrite(ids, chosen, gen_logits, special_ids):
     """Replace the chosen tokens (B, L) by samples from the generator's logits (B, L, V) at
@@ -313,15 +355,14 @@ def rewrite(ids, chosen, gen_logits, special_ids):
     return corrupted, (corrupted == ids).float()
 
 
-def prune_patches(image_embeds, attns, mask, keep):
-    """E-PITC: keep [CLS] and the top ceil(keep * N) patches by the teacher's text->patch
-    cross-attention mass (mean over layers and heads, summed over the caption's tokens).
-    (B, 1+N, Dv) -> (B, 1+k, Dv)."""
-    mass = torch.stack([cross for _, cross in attns]).mean((0, 2))           # (B, L, 1+N)
-    mass = (mass * mask[..., None]).sum(1)[:, 1:]                             # (B, N) patches only
-    k = math.ceil(keep * mass.shape[1])
-    cls_index = torch.zeros_like(mass[:, :1], dtype=torch.long)
-    index = torch.cat([cls_index, mass.topk(k, dim=1).indices + 1], 1)
+def prune_patches(image_embeds, patch_scores, keep):
+    """E-PITC: keep the image's special tokens ([CLS]) and the ceil(keep * N) patches with the
+    highest scores (B, N). (B, n_special + N, Dv) -> (B, n_special + k, Dv)."""
+    B, N = patch_scores.shape
+    n_special = image_embeds.shape[1] - N
+    special = torch.arange(n_special, device=image_embeds.device).expand(B, -1)
+    top = patch_scores.topk(math.ceil(keep * N), dim=1).indices + n_special    # (B, k)
+    index = torch.cat([special, top], 1)
     return image_embeds.gather(1, index[..., None].expand(-1, -1, image_embeds.shape[-1]))
 
 # ------------------------------------------------------------------------ the model: ALBEF + EPIC
@@ -334,7 +375,9 @@ class AlbefEpic(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = ALBEF(cfg, vision_hf, text_hf)
-        # EMA copy, never trained by gradients
+        # EMA copy, never trained by gradients. It follows the student's train / eval mode, as
+        # ALBEF's momentum model does (its Pretrain.py trains with dropout 0.1 in both; the
+        # built-in backbones have no dropout)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         queue_shape = (cfg.queue_size, cfg.embed_dim)
         self.register_buffer('image_queue', F.normalize(torch.randn(queue_shape), dim=-1))
@@ -350,12 +393,6 @@ class AlbefEpic(nn.Module):
             self.generator = Generator(cfg, text_hf)
             # itc_head: D_i = sigmoid(logit_i)
             self.consistency_head = nn.Linear(text_hf.config.hidden_size, 1)
-
-    def train(self, mode=True):
-        # the teacher stays in eval mode (no dropout), as ALBEF's momentum model
-        super().train(mode)
-        self.teacher.eval()
-        return self
 
     @torch.no_grad()
     def momentum_update(self):
@@ -375,7 +412,9 @@ class AlbefEpic(nn.Module):
         # (B, L) -> bool: real words (not PAD / CLS / SEP / other specials)
         return mask.bool() & ~torch.isin(ids, self.special_ids)
 
-    def forward(self, batch, alpha, hardness=1.0):
+    def forward(self, batch, alpha, hardness=1.0, update_teacher=True):
+        """-> the losses. update_teacher: take the EMA step first (once per optimizer step: the
+        first micro-batch under --grad_accum)."""
         cfg, S, T = self.cfg, self.student, self.teacher
         images, ids, mask = batch['image'], batch['input_ids'], batch['attention_mask']
         B = len(ids)
@@ -389,8 +428,15 @@ class AlbefEpic(nn.Module):
         # ---- ITA: online features against [momentum features of the global batch ; queue],
         # distilled targets
         with torch.no_grad():
-            self.momentum_update()
-            image_embeds_m, text_embeds_m = T.encode_image(images), T.encode_text(ids, mask)
+            if update_teacher:
+                self.momentum_update()
+            text_embeds_m, patch_scores = T.encode_text(ids, mask), None
+            if cfg.prune_keep < 1:  # E-PITC ranks patches by the teacher ViT's [CLS] attention
+                image_embeds_m, vit_attn = T.encode_image(images, return_attn=True)
+                n_special = T.visual_encoder.n_special
+                patch_scores = vit_attn[:, :, 0, n_special:].float().mean(1)      # (B, N)
+            else:
+                image_embeds_m = T.encode_image(images)
             image_feat_m = T.image_feature(image_embeds_m)
             text_feat_m = T.text_feature(text_embeds_m)
             to_gather = (image_feat_m, text_feat_m, batch['image_id'], batch['text_key'])
@@ -415,7 +461,7 @@ class AlbefEpic(nn.Module):
         with torch.no_grad():
             # (B images, B texts): no negatives
             true = positives[:, own].bool()
-            if 'true_pairs' in batch:  # ShapesWorld: the grammar decides
+            if 'true_pairs' in batch:  # ShapesWorld only, not ALBEF: the grammar decides
                 true |= batch['true_pairs']
             t2i_own = hardness * sim_t2i[:, own].float()                    # (B texts, B images)
             neg_image = sample_negatives(t2i_own, true.T)                   # (B,) for each text
@@ -440,36 +486,42 @@ class AlbefEpic(nn.Module):
         losses = dict(ita=loss_ita, itm=loss_itm, mlm=loss_mlm)
 
         if cfg.epic != 'none':
-            losses.update(self.epic_losses(batch, image_embeds, text_embeds_m, image_embeds_m))
+            losses.update(self.epic_losses(batch, image_embeds, text_embeds_m, image_embeds_m,
+                                           patch_scores))
         losses['loss'] = loss_mlm + loss_ita + loss_itm
         if cfg.epic != 'none':  # EPIC's total: + lambda_itc * L_itc + L_gen
             losses['loss'] = losses['loss'] + cfg.lambda_itc * losses['itc'] + losses['gen']
+        # every micro-batch: its momentum features are new negatives, as a step's would be
         self.enqueue(gathered[0], gathered[1], gathered[2], gathered[3])
         return losses
 
-    def epic_losses(self, batch, image_embeds, text_embeds_m, image_embeds_m):
+    def choose_rewrites(self, words, saliency=None, generator=None):
+        """EPIC's tokens to rewrite, (B, L) bool: ceil(mask_ratio * n) of each caption's words,
+        drawn by saliency at --mask_temperature, or uniformly (--epic random: saliency=None)."""
+        if saliency is not None:
+            return sample_tokens(saliency, words, self.cfg.mask_ratio, self.cfg.mask_temperature,
+                                 generator)
+        uniform = torch.rand(words.shape, generator=generator, device=words.device)
+        return top_fraction(uniform, words, self.cfg.mask_ratio)
+
+    def epic_losses(self, batch, image_embeds, text_embeds_m, image_embeds_m, patch_scores=None):
         """Salient tokens -> masked -> the generator samples replacements (L_gen) -> the
         consistency head labels every token of the corrupted caption consistent or not, against
-        the image (L_itc)."""
+        the image (L_itc); with --prune_keep < 1 that pass sees only the top patches."""
         cfg, S = self.cfg, self.student
         ids, mask = batch['input_ids'], batch['attention_mask']
         # (B, L) maskable tokens
         words = self.candidates(ids, mask)
         with torch.no_grad():
-            if cfg.epic == 'saliency' or cfg.prune_keep < 1:
-                _, attns = self.teacher.fuse(text_embeds_m, mask, image_embeds_m, return_attn=True)
-            if cfg.epic == 'saliency':
-                scores = self.saliency(ids, mask, image_embeds_m, attns)
-            else:  # --epic random: the same number of tokens, chosen uniformly
-                scores = torch.rand(ids.shape, device=ids.device)
-            # (B, L) tokens to rewrite
-            chosen = top_fraction(scores, words, cfg.mask_ratio)
+            saliency = (self.saliency(ids, mask, image_embeds_m, text_embeds_m)
+                        if cfg.epic == 'saliency' else None)
+            chosen = self.choose_rewrites(words, saliency)                      # (B, L)
         gen_logits = self.generator(S.embeddings(ids.masked_fill(chosen, self.mask_id)), mask,
                                     S.embeddings.word.weight)                   # (B, L, V)
         loss_gen = F.cross_entropy(gen_logits[chosen], ids[chosen])
         corrupted, consistent = rewrite(ids, chosen, gen_logits.detach(), self.special_ids)
-        context = (image_embeds if cfg.prune_keep == 1
-                   else prune_patches(image_embeds, attns, mask, cfg.prune_keep))
+        context = (image_embeds if patch_scores is None
+                   else prune_patches(image_embeds, patch_scores, cfg.prune_keep))
         fused = S.fuse(S.encode_text(corrupted, mask), mask, context)           # (B, L, Dt)
         itc_logits = self.consistency_head(fused).squeeze(-1)                   # (B, L)
         # every token but [CLS] and pads
@@ -478,19 +530,24 @@ class AlbefEpic(nn.Module):
         return dict(itc=loss_itc, gen=loss_gen, replaced=1 - consistent[words].mean().detach())
 
     @torch.no_grad()
-    def saliency(self, ids, mask, image_embeds_m, attns=None):
-        """(B, L) how much each token matters for matching this image, by the teacher.
-        attention: the attention that the fused [CLS] pays to each token in the fusion
-        self-attention, mean over heads and layers (not a token's cross-attention mass: every
-        softmax row sums to 1, so that is constant).
+    def saliency(self, ids, mask, image_embeds_m, text_embeds_m=None):
+        """(B, L) how much each token's match with *this* image rests on the image, by the teacher
+        (no gradient reaches the student).
+        gradcam: Grad-CAM of the teacher's ITM match logit on the cross-attention of fusion layer
+        --gradcam_layer (gradient x attention, clamped at 0, mean over heads, summed over patches).
         necessity: CE(token | caption with it masked, no image) - CE(token | same, with the
         image)."""
         T = self.teacher
-        if self.cfg.saliency == 'attention':
-            if attns is None:
-                _, attns = T.fuse(T.encode_text(ids, mask), mask, image_embeds_m, return_attn=True)
-            cls_attention = [self_probs[:, :, 0] for self_probs, _ in attns]   # (B, heads, L) each
-            return torch.stack(cls_attention).mean((0, 2))                     # (B, L)
+        if self.cfg.saliency == 'gradcam':
+            if text_embeds_m is None:
+                text_embeds_m = T.encode_text(ids, mask)
+            with torch.enable_grad():  # the image's keys put the attention maps in a graph
+                image = image_embeds_m.detach().requires_grad_()
+                fused, attns = T.fuse(text_embeds_m, mask, image, return_attn=True)
+                cross_probs = attns[self.cfg.gradcam_layer][1]                  # (B, H, L, 1+N)
+                itm_score = T.itm_head(fused[:, 0])[:, 1].sum()
+                cross_grads, = torch.autograd.grad(itm_score, cross_probs)
+            return gradcam(cross_probs, cross_grads, T.visual_encoder.n_special)  # (B, L)
         B, L = ids.shape
         eye = torch.eye(L, dtype=torch.bool, device=ids.device)
         # (B*L, L): copy j masks token j
@@ -568,6 +625,36 @@ def compositional_metrics(model, cfg, tokenizer, split, world, image_embeds):
     return out
 
 
+def one_visual_word(ids, visual, generator):
+    """(B, L) -> bool mask of one visual word per caption, drawn uniformly (none in a caption
+    without one)."""
+    uniform = torch.rand(ids.shape, generator=generator, device=ids.device)
+    return top_fraction(uniform, visual, 1e-9)                 # ceil(1e-9 * n) = 1 of n words
+
+
+def modality_metrics(model, cfg, enc, image_embeds, txt2img, generator):
+    """EPIC's modality bias, measured: one visual word per caption masked, the student's MLM
+    predicts it with the caption's own image (mlm_acc) and with the next test image
+    (mlm_acc_shuffled); modality_gap = their difference, what the image adds. A model that
+    recovers the word from the rest of the caption alone has no gap."""
+    S, ids, mask = model.student, enc.input_ids, enc.attention_mask
+    visual = torch.isin(ids, visual_token_ids(model.tokenizer).to(ids.device))
+    picked = one_visual_word(ids, visual & model.candidates(ids, mask), generator)    # (T, L)
+    if not picked.any():  # no visual word in any caption
+        return {}
+    masked, hits, step = ids.masked_fill(picked, model.mask_id), [0, 0], 4 * cfg.batch_size
+    for s in range(0, len(ids), step):
+        rows = slice(s, s + step)
+        text = S.encode_text(masked[rows], mask[rows])
+        for k, images in enumerate((txt2img[rows], (txt2img[rows] + 1) % len(image_embeds))):
+            fused = S.fuse(text, mask[rows], image_embeds[images])              # (b, L, Dt)
+            predicted = S.mlm_head(fused[picked[rows]]).argmax(-1)              # (words,)
+            hits[k] += (predicted == ids[rows][picked[rows]]).sum().item()
+    mlm_acc, mlm_acc_shuffled = (100 * h / picked.sum().item() for h in hits)
+    return dict(mlm_acc=mlm_acc, mlm_acc_shuffled=mlm_acc_shuffled,
+                modality_gap=mlm_acc - mlm_acc_shuffled)
+
+
 def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embeds_m, path):
     """PNG of test image 0: its first caption shaded by the teacher's saliency (red: the tokens
     EPIC masks); then the generator's rewrite of it and a one-word swap, each shaded by the
@@ -575,11 +662,13 @@ def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embed
     S, device = model.student, image_embeds.device
     enc = tokenizer([dataset.texts[dataset.img2txt[0][0]]], return_tensors='pt').to(device)
     ids, mask = enc.input_ids, enc.attention_mask                               # (1, L)
-    words = model.candidates(ids, mask)[0]
-    saliency = model.saliency(ids, mask, image_embeds_m)[0].float()
+    words = model.candidates(ids, mask)
+    saliency = model.saliency(ids, mask, image_embeds_m).float()               # (1, L)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    chosen = model.choose_rewrites(words, None if cfg.epic == 'random' else saliency, generator)
+    saliency, words = saliency[0], words[0]
     lowest, highest = saliency[words].min(), saliency[words].max()
     saliency = (saliency - lowest) / (highest - lowest + 1e-9)
-    chosen = top_fraction(saliency[None], words[None], cfg.mask_ratio)
 
     def row(label, ids, values, marked):
         # the real words of ids (1, L), with per-token values and marks
@@ -587,7 +676,8 @@ def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embed
         return label, [(t, float(values[i]), bool(marked[i])) for i, t in
                        enumerate(tokenizer.convert_ids_to_tokens(ids[0])) if keep[i]]
 
-    rows = [row('teacher saliency (red: masked by EPIC)', ids, saliency, chosen[0])]
+    rows = [row(f'teacher saliency, {cfg.saliency} (red: rewritten by EPIC)', ids, saliency,
+                chosen[0])]
     if cfg.epic != 'none':
         masked_embeds = S.embeddings(ids.masked_fill(chosen, model.mask_id))   # (1, L, D)
         gen_logits = model.generator(masked_embeds, mask, S.embeddings.word.weight)
@@ -611,9 +701,11 @@ def draw_tokens(model, cfg, tokenizer, dataset, world, image_embeds, image_embed
 
 @torch.no_grad()
 def evaluate(model, cfg, split, run, world, png=None):
-    """Retrieval with ITM re-ranking (and ita_rmean: the ITA similarities alone); on ShapesWorld
-    also swap_acc (+ per attribute), itc_auroc and saliency_auroc; optionally the PNG. Runs the
-    student (and the teacher for saliency), under the run's autocast."""
+    """Retrieval with ITM re-ranking (and ita_rmean: the ITA similarities alone), the MLM's
+    modality gap on visual words; on ShapesWorld also swap_acc (+ per attribute), itc_auroc,
+    saliency_auroc and rewritten_visual_frac (% of the tokens EPIC's rule rewrites that are visual
+    words; with --epic none, the saliency rule's); optionally the PNG. Runs the student (and the
+    teacher for saliency), under the run's autocast."""
     tokenizer = model.tokenizer
     model.eval()
     S, T, device = model.student, model.teacher, run.device
@@ -637,6 +729,8 @@ def evaluate(model, cfg, split, run, world, png=None):
         ita_only = common.retrieval_metrics(sims, dataset.img2txt, dataset.texts)  # no re-ranking
         metrics['ita_rmean'] = ita_only['rmean']
         txt2img = torch.tensor(dataset.txt2img, device=device)
+        generator = torch.Generator(device).manual_seed(cfg.seed)  # the same draws every eval
+        metrics.update(modality_metrics(model, cfg, enc, image_embeds, txt2img, generator))
         if world is not None:
             metrics.update(compositional_metrics(model, cfg, tokenizer, split, world, image_embeds))
             saliency = []
@@ -646,8 +740,12 @@ def evaluate(model, cfg, split, run, world, png=None):
                                                image_embeds_m[txt2img[rows]]))
             saliency = torch.cat(saliency)
             words = model.candidates(enc.input_ids, enc.attention_mask)
-            visual = torch.isin(enc.input_ids, visual_token_ids(tokenizer)).long()
-            metrics['saliency_auroc'] = common.auroc(saliency[words], visual[words])
+            visual = torch.isin(enc.input_ids, visual_token_ids(tokenizer).to(device))
+            metrics['saliency_auroc'] = common.auroc(saliency[words], visual[words].long())
+            chosen = model.choose_rewrites(words, None if cfg.epic == 'random' else saliency,
+                                           generator)
+            rewritten_visual = (chosen & visual).sum().item() / chosen.sum().item()
+            metrics['rewritten_visual_frac'] = 100 * rewritten_visual
         if png:
             draw_tokens(model, cfg, tokenizer, dataset, world,
                         image_embeds[:1], image_embeds_m[:1], png)
@@ -764,7 +862,7 @@ def main(argv=None):
                 trainable.require_backward_grad_sync = micro == cfg.grad_accum - 1
             batch = common.to_device(pair_labels(next(batches), world), run.device)
             with run.autocast():
-                losses = trainable(batch, alpha, hardness)
+                losses = trainable(batch, alpha, hardness, update_teacher=micro == 0)
             common.check_finite(losses['loss'], step, cfg)
             (losses['loss'] / cfg.grad_accum).backward()
         if cfg.grad_clip:

@@ -147,9 +147,12 @@ class ViTBlock(nn.Module):
         self.norm1, self.attn = nn.LayerNorm(dim, eps=eps), Attention(dim, heads, qkv_bias)
         self.norm2, self.mlp = nn.LayerNorm(dim, eps=eps), MLP(dim, mlp_dim, act)
 
-    def forward(self, x, mask=None):  # (B, L, D)
-        x = x + self.attn(self.norm1(x), mask=mask)[0]
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x, mask=None, return_attn=False):
+        # (B, L, D) -> (B, L, D), or (x, probs (B, heads, L, L)) with return_attn
+        h, probs = self.attn(self.norm1(x), mask=mask, return_attn=return_attn)
+        x = x + h
+        x = x + self.mlp(self.norm2(x))
+        return (x, probs) if return_attn else x
 
 
 def interpolate_pos_embed(pos_embed, n_special, grid):
@@ -188,14 +191,19 @@ class VisionTransformer(nn.Module):
                                     for _ in range(depth))
         self.norm = nn.LayerNorm(dim, eps=eps)
 
-    def forward(self, images):  # (B, C, H, W) -> (B, n_special + N, D)
+    def forward(self, images, return_attn=False):
+        """(B, C, H, W) -> (B, n_special + N, D); with return_attn also the last block's attention
+        probabilities (B, heads, L, L) (its [CLS] row ranks the patches)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (B, N, D)
         special = [self.cls_token] if self.dist_token is None else [self.cls_token, self.dist_token]
         x = torch.cat([t.expand(len(x), -1, -1) for t in special] + [x], dim=1) + self.pos_embed
         x = self.pre_norm(x)
-        for block in self.blocks:
+        for block in self.blocks[:-1] if return_attn else self.blocks:
             x = checkpointed(block, x, on=self.grad_checkpointing)
-        return self.norm(x) if self.final_norm else x
+        if return_attn:
+            x, probs = self.blocks[-1](x, return_attn=True)
+        x = self.norm(x) if self.final_norm else x
+        return (x, probs) if return_attn else x
 
 
 class BertEmbeddings(nn.Module):

@@ -7,14 +7,18 @@ the first.
     python bench.py blip                  # BLIP training step: dense, gate, top-k, default, latents
     python bench.py blip --rounds 30 --device cuda --dtype bfloat16
     python bench.py hf                    # the project's modules and captioner against HF's classes
+    python bench.py epitc                 # ALBEF + EPIC: the consistency pass on all patches or half
 """
 import argparse
+import math
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 
+import albef_epic as ae
 import backbones
 import blip_gated_sparse as bgs
 import common
@@ -179,7 +183,70 @@ def bench_hf(args, device, dtype):
                   f"{t['ours'] / t['hf']:.2f} |", flush=True)
 
 
-BENCHES = {'blip': bench_blip, 'hf': bench_hf}
+# ----------------------------------------------------------------------------- E-PITC
+
+def albef_rows(image_size, device, dtype):
+    """{row: fn}: EPIC's consistency pass (text encoder + fusion on the rewritten caption, head,
+    BCE, backward into the image tokens) against all patches and against the half the teacher
+    ViT's [CLS] attends to most (E-PITC, ranking and gather included), then one whole training
+    step with --prune_keep 1 and 0.5; shapes preset, one fixed batch."""
+    rows, run = {}, common.Run(device=device, dtype=dtype)
+    for keep in (1.0, 0.5):
+        cfg = common.parse_config(ae.Config, ae.PRESETS, [
+            '--image_size', str(image_size), '--prune_keep', str(keep)], stem=ae.METHOD)
+        world = ShapesWorld(seed=0, image_size=image_size)
+        dataset = build_dataset(cfg, 'train', world, max_images=cfg.batch_size)
+        tokenizer = backbones.load_tokenizer(cfg.text_backbone)
+        batch = ae.pair_labels(collate([dataset[i] for i in range(cfg.batch_size)], tokenizer,
+                                       cfg.max_len), world)
+        batch = common.to_device(batch, device)
+        torch.manual_seed(0)
+        model = ae.AlbefEpic(cfg, backbones.load_backbone(cfg.vision_backbone, 'vision'),
+                             backbones.load_backbone(cfg.text_backbone, 'mlm'),
+                             tokenizer).to(device).train()
+        optimizer = ae.build_optimizer(model, cfg)
+        S, ids, mask = model.student, batch['input_ids'], batch['attention_mask']
+        with torch.no_grad(), run.autocast():
+            image_embeds = S.encode_image(batch['image'])                       # (B, 1+N, Dv)
+            _, vit_attn = model.teacher.encode_image(batch['image'], return_attn=True)
+        labels = torch.ones(ids.shape, device=device)
+
+        def consistency(model=model, keep=keep, S=S, ids=ids, mask=mask, image=image_embeds,
+                        vit_attn=vit_attn, labels=labels):
+            with run.autocast():
+                context = image.detach().requires_grad_()
+                if keep < 1:
+                    context = ae.prune_patches(context, vit_attn[:, :, 0, 1:].mean(1), keep)
+                fused = S.fuse(S.encode_text(ids, mask), mask, context)
+                logits = model.consistency_head(fused).squeeze(-1).float()
+            F.binary_cross_entropy_with_logits(logits, labels).backward()
+
+        def step(model=model, batch=batch, optimizer=optimizer):
+            with run.autocast():
+                loss = model(batch, alpha=0.4)['loss']
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        n = (image_size // 8) ** 2
+        rows[f'consistency pass, {math.ceil(keep * n)} of {n} patches'] = consistency
+        rows[f'training step, --prune_keep {keep:g}'] = step
+    order = sorted(rows, key=lambda name: not name.startswith('consistency'))
+    return {name: rows[name] for name in order}, cfg.batch_size
+
+
+def bench_epitc(args, device, dtype):
+    for image_size in map(int, args.image_sizes.split(',')):
+        rows, samples = albef_rows(image_size, device, dtype)
+        seconds = interleaved(rows, args.rounds)
+        print(f"\nalbef_epic at {image_size} px, {samples} pairs, median of {args.rounds} "
+              f"interleaved rounds ({device}, {dtype}, {torch.get_num_threads()} threads)\n\n"
+              f"| row | ms | against the first row of its kind |\n|---|---|---|")
+        for name, t in seconds.items():
+            base = seconds[next(n for n in rows if n.split(',')[0] == name.split(',')[0])]
+            print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f}x |", flush=True)
+
+
+BENCHES = {'blip': bench_blip, 'hf': bench_hf, 'epitc': bench_epitc}
 
 
 def main(argv=None):
@@ -189,6 +256,7 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32')
     parser.add_argument('--sizes', default='tiny,base', help="hf: widths to time (tiny, base)")
+    parser.add_argument('--image_sizes', default='64,128', help="epitc: image sizes in pixels")
     args = parser.parse_args(argv)
     # randomly initialised models make denormal gradients, which a CPU computes several times
     # slower (3x in the captioning step): flushed to zero, for every row alike
