@@ -50,31 +50,22 @@ METHOD = 'albef_epic'
 
 @dataclass
 class Config(common.RunConfig):
-    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP vision checkpoint:
-                                                 # HF id, path or built-in name
-    text_backbone: str = 'shapes-tiny-text'      # BERT masked-LM checkpoint: first layers
-                                                 # encode text, last layers fuse
-    fusion_layers: int = 2          # last BERT layers that get cross-attention to the image
-                                    # (ALBEF: 6 of 12)
+    vision_backbone: str = 'shapes-tiny-vision'  # ViT / DeiT / CLIP: HF id, path or built-in name
+    text_backbone: str = 'shapes-tiny-text'  # BERT MLM: first layers encode text, last layers fuse
+    fusion_layers: int = 2          # last BERT layers, with cross-attention (ALBEF: 6 of 12)
     image_size: int = 64            # pixels (position embeddings are interpolated to the grid)
     max_len: int = 32               # caption tokens
     embed_dim: int = 256            # ITA projection width
-    temp: float = 0.07              # initial contrastive temperature
-                                    # (learnable, clamped to [0.001, 0.5])
-    temp_lr: float = 1e-4           # the temperature's peak lr: ALBEF's, whatever --lr is
-                                    # (at 1e-3 it falls too fast)
+    temp: float = 0.07              # initial temperature (learnable, clamped to [0.001, 0.5])
+    temp_lr: float = 1e-4           # its peak lr: ALBEF's, whatever --lr (at 1e-3 it falls fast)
     queue_size: int = 4096          # momentum features kept as extra negatives (ALBEF: 65,536)
     momentum: float = 0.995         # EMA rate of the teacher
     alpha: float = 0.4              # weight of the teacher's soft targets in ITA and MLM
-    alpha_warmup_steps: int = 500   # alpha ramps linearly from 0 over these steps
-                                    # (ALBEF: the first epoch)
-    multi_positive: bool = True     # same image id (or identical caption text) = positive,
-                                    # in batch and queue
-    hard_negative_warmup: int = 0   # ITM negatives go from uniform to ALBEF's
-                                    # similarity-weighted over these steps
+    alpha_warmup_steps: int = 500   # alpha ramps linearly from 0 (ALBEF: over the first epoch)
+    multi_positive: bool = True     # same image id or caption text = positive, batch and queue
+    hard_negative_warmup: int = 0   # ITM negatives: uniform -> similarity-weighted over these steps
     mlm_prob: float = 0.15          # MLM masking rate (80% [MASK] / 10% random / 10% kept)
-    epic: str = 'saliency'          # none (plain ALBEF) | random | saliency:
-                                    # which tokens the generator rewrites
+    epic: str = 'saliency'          # which tokens get rewritten: none (ALBEF) | random | saliency
     saliency: str = 'gradcam'       # gradcam (Grad-CAM of the teacher's ITM score on a fusion
                                     # layer's cross-attention) | necessity (what the image adds)
     gradcam_layer: int = 0          # the fusion layer Grad-CAM reads, counted from the first
@@ -83,17 +74,12 @@ class Config(common.RunConfig):
     mask_temperature: float = 1.0   # tokens drawn without replacement with p ~ softmax(z / T),
                                     # z = the caption's standardised saliency (0: the top-k)
     lambda_itc: float = 8.0         # weight of the consistency loss
-    generator_layers: int = 2       # depth of the text-only generator
-                                    # (the text backbone's first layers)
-    prune_keep: float = 1.0         # E-PITC: fraction of image patches the consistency pass
-                                    # attends to (1 = all)
-    k_test: int = 16                # retrieval: ITM re-ranks the top-k ITA candidates
-                                    # (ALBEF: 256 COCO, 128 Flickr)
+    generator_layers: int = 2       # depth of the text-only generator (the first text layers)
+    prune_keep: float = 1.0         # E-PITC: fraction of patches the consistency pass sees
+    k_test: int = 16                # ITM re-ranks the top-k ITA candidates (ALBEF: 256 / 128)
     eval_images: int = 0            # val / test images evaluated (0 = all: 1,000 on ShapesWorld)
-    grad_clip: float = 0.0          # ALBEF does not clip gradients
-                                    # (a clip at 1 would scale its ~20-norm steps down)
-    captions: tuple = ()            # --predict: the captions to rank for each image,
-                                    # or one .txt file of them, one per line
+    grad_clip: float = 0.0          # ALBEF does not clip (a clip at 1 shrinks its ~20-norm steps)
+    captions: tuple = ()            # --predict: captions to rank, or a .txt file, one per line
 
 
 REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='bert-base-uncased',

@@ -7,7 +7,8 @@ the first.
     python bench.py blip                  # BLIP training step: dense, gate, top-k, default, latents
     python bench.py blip --rounds 30 --device cuda --dtype bfloat16
     python bench.py hf                    # the project's modules and captioner against HF's classes
-    python bench.py epitc                 # ALBEF + EPIC: the consistency pass on all patches or half
+    python bench.py albef                 # ALBEF + EPIC training step: the five ablation rows
+    python bench.py epitc                 # EPIC's consistency pass on all patches or on half
 """
 import argparse
 import math
@@ -183,70 +184,92 @@ def bench_hf(args, device, dtype):
                   f"{t['ours'] / t['hf']:.2f} |", flush=True)
 
 
-# ----------------------------------------------------------------------------- E-PITC
+# ----------------------------------------------------------------------------- ALBEF + EPIC
 
-def albef_rows(image_size, device, dtype):
-    """{row: fn}: EPIC's consistency pass (text encoder + fusion on the rewritten caption, head,
-    BCE, backward into the image tokens) against all patches and against the half the teacher
-    ViT's [CLS] attends to most (E-PITC, ranking and gather included), then one whole training
-    step with --prune_keep 1 and 0.5; shapes preset, one fixed batch."""
-    rows, run = {}, common.Run(device=device, dtype=dtype)
-    for keep in (1.0, 0.5):
-        cfg = common.parse_config(ae.Config, ae.PRESETS, [
-            '--image_size', str(image_size), '--prune_keep', str(keep)], stem=ae.METHOD)
-        world = ShapesWorld(seed=0, image_size=image_size)
-        dataset = build_dataset(cfg, 'train', world, max_images=cfg.batch_size)
-        tokenizer = backbones.load_tokenizer(cfg.text_backbone)
-        batch = ae.pair_labels(collate([dataset[i] for i in range(cfg.batch_size)], tokenizer,
-                                       cfg.max_len), world)
-        batch = common.to_device(batch, device)
-        torch.manual_seed(0)
-        model = ae.AlbefEpic(cfg, backbones.load_backbone(cfg.vision_backbone, 'vision'),
-                             backbones.load_backbone(cfg.text_backbone, 'mlm'),
-                             tokenizer).to(device).train()
-        optimizer = ae.build_optimizer(model, cfg)
-        S, ids, mask = model.student, batch['input_ids'], batch['attention_mask']
-        with torch.no_grad(), run.autocast():
-            image_embeds = S.encode_image(batch['image'])                       # (B, 1+N, Dv)
-            _, vit_attn = model.teacher.encode_image(batch['image'], return_attn=True)
-        labels = torch.ones(ids.shape, device=device)
+ALBEF_ROWS = {
+    'ALBEF': ['--epic', 'none'],
+    '+ ITC on random tokens': ['--epic', 'random'],
+    '+ EPIC, Grad-CAM, sampled (the default)': [],
+    '+ EPIC, Grad-CAM, top-k': ['--mask_temperature', '0'],
+    '+ E-PITC': ['--prune_keep', '0.5'],
+}
 
-        def consistency(model=model, keep=keep, S=S, ids=ids, mask=mask, image=image_embeds,
-                        vit_attn=vit_attn, labels=labels):
-            with run.autocast():
-                context = image.detach().requires_grad_()
-                if keep < 1:
-                    context = ae.prune_patches(context, vit_attn[:, :, 0, 1:].mean(1), keep)
-                fused = S.fuse(S.encode_text(ids, mask), mask, context)
-                logits = model.consistency_head(fused).squeeze(-1).float()
-            F.binary_cross_entropy_with_logits(logits, labels).backward()
 
-        def step(model=model, batch=batch, optimizer=optimizer):
-            with run.autocast():
-                loss = model(batch, alpha=0.4)['loss']
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        n = (image_size // 8) ** 2
-        rows[f'consistency pass, {math.ceil(keep * n)} of {n} patches'] = consistency
-        rows[f'training step, --prune_keep {keep:g}'] = step
-    order = sorted(rows, key=lambda name: not name.startswith('consistency'))
-    return {name: rows[name] for name in order}, cfg.batch_size
+def albef_model(argv, device, dtype):
+    """albef_epic's model, optimizer and one fixed ShapesWorld batch (shapes preset + argv), and
+    a function that runs one optimizer step of its training loop on that batch."""
+    cfg = common.parse_config(ae.Config, ae.PRESETS, argv, stem=ae.METHOD)
+    ae.check_config(cfg)
+    world = ShapesWorld(seed=0, image_size=cfg.image_size)
+    dataset = build_dataset(cfg, 'train', world, max_images=cfg.batch_size)
+    tokenizer = backbones.load_tokenizer(cfg.text_backbone)
+    batch = ae.pair_labels(collate([dataset[i] for i in range(cfg.batch_size)], tokenizer,
+                                   cfg.max_len), world)
+    batch = common.to_device(batch, device)
+    torch.manual_seed(0)
+    model = ae.AlbefEpic(cfg, backbones.load_backbone(cfg.vision_backbone, 'vision'),
+                         backbones.load_backbone(cfg.text_backbone, 'mlm'),
+                         tokenizer).to(device).train()
+    optimizer = ae.build_optimizer(model, cfg)
+    run = common.Run(device=device, dtype=dtype)
+
+    def step():
+        with run.autocast():
+            loss = model(batch, alpha=cfg.alpha)['loss']
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, batch, run, step
+
+
+def bench_albef(args, device, dtype):
+    steps = {name: albef_model(argv, device, dtype)[3] for name, argv in ALBEF_ROWS.items()}
+    seconds = interleaved(steps, args.rounds)
+    print_table(f"albef_epic training step, 64 pairs, median of {args.rounds} interleaved rounds "
+                f"({device}, {dtype}, {torch.get_num_threads()} threads)", seconds, 64, 'pairs')
+
+
+def consistency_pass(model, batch, run, keep):
+    """EPIC's consistency pass alone: the text encoder and the fusion on the caption, the head,
+    BCE and backward into the image tokens, against all patches or (keep < 1) the top ones by
+    the teacher ViT's [CLS] attention, ranking and gather included."""
+    S, ids, mask = model.student, batch['input_ids'], batch['attention_mask']
+    with torch.no_grad(), run.autocast():
+        image_embeds = S.encode_image(batch['image'])                           # (B, 1+N, Dv)
+        _, vit_attn = model.teacher.encode_image(batch['image'], return_attn=True)
+    labels = torch.ones(ids.shape, device=ids.device)
+
+    def run_pass():
+        with run.autocast():
+            context = image_embeds.detach().requires_grad_()
+            if keep < 1:
+                context = ae.prune_patches(context, vit_attn[:, :, 0, 1:].mean(1), keep)
+            fused = S.fuse(S.encode_text(ids, mask), mask, context)
+            logits = model.consistency_head(fused).squeeze(-1).float()
+        F.binary_cross_entropy_with_logits(logits, labels).backward()
+    return run_pass
 
 
 def bench_epitc(args, device, dtype):
     for image_size in map(int, args.image_sizes.split(',')):
-        rows, samples = albef_rows(image_size, device, dtype)
+        n, rows, kinds = (image_size // 8) ** 2, {}, ('consistency pass', 'training step')
+        for keep in (1.0, 0.5):
+            model, batch, run, step = albef_model(['--image_size', str(image_size),
+                                                   '--prune_keep', str(keep)], device, dtype)
+            rows[f'{kinds[0]}, {math.ceil(keep * n)} of {n} patches'] = consistency_pass(
+                model, batch, run, keep)
+            rows[f'{kinds[1]}, --prune_keep {keep:g}'] = step
+        rows = {name: rows[name] for kind in kinds for name in rows if name.startswith(kind)}
         seconds = interleaved(rows, args.rounds)
-        print(f"\nalbef_epic at {image_size} px, {samples} pairs, median of {args.rounds} "
-              f"interleaved rounds ({device}, {dtype}, {torch.get_num_threads()} threads)\n\n"
+        print(f"\nalbef_epic at {image_size} px, 64 pairs, median of {args.rounds} interleaved "
+              f"rounds ({device}, {dtype}, {torch.get_num_threads()} threads)\n\n"
               f"| row | ms | against the first row of its kind |\n|---|---|---|")
         for name, t in seconds.items():
-            base = seconds[next(n for n in rows if n.split(',')[0] == name.split(',')[0])]
-            print(f"| {name} | {t * 1e3:.1f} | {t / base:.3f}x |", flush=True)
+            first = seconds[next(n for n in rows if n.startswith(name.split(',')[0]))]
+            print(f"| {name} | {t * 1e3:.1f} | {t / first:.3f}x |", flush=True)
 
 
-BENCHES = {'blip': bench_blip, 'hf': bench_hf, 'epitc': bench_epitc}
+BENCHES = {'blip': bench_blip, 'hf': bench_hf, 'albef': bench_albef, 'epitc': bench_epitc}
 
 
 def main(argv=None):

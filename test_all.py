@@ -2050,6 +2050,18 @@ def test_bench_times_its_rows_in_interleaved_rounds_and_prints_each_against_the_
     assert table[1].endswith('| 1.000x |')
 
 
+def test_bench_albef_times_the_five_ablation_rows_and_epitc_the_pruned_consistency_pass(tiny_backbones, capsys):
+    import bench
+    bench.main(['albef', '--rounds', '1'])
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| ')]
+    assert [line.split(' | ')[0][2:] for line in table[1:]] == list(bench.ALBEF_ROWS)
+    bench.main(['epitc', '--rounds', '1', '--image_sizes', '64'])
+    rows = [line.split(' | ') for line in capsys.readouterr().out.splitlines() if line.startswith('| ')][1:]
+    assert [row[0][2:] for row in rows] == ['consistency pass, 64 of 64 patches', 'consistency pass, 32 of 64 patches',
+                                            'training step, --prune_keep 1', 'training step, --prune_keep 0.5']
+    assert rows[0][2] == rows[2][2] == '1.000x |' and float(rows[1][1]) > 0
+
+
 def test_bench_against_hf_prints_a_ratio_for_each_module_and_the_captioner(capsys):
     import bench
     bench.main(['hf', '--sizes', 'tiny', '--rounds', '1'])
