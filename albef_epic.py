@@ -148,9 +148,15 @@ class ALBEF(nn.Module):
         self.temp = nn.Parameter(torch.tensor(cfg.temp))
         self.grad_checkpointing = cfg.grad_checkpointing
 
-    def encode_image(self, images, return_attn=False):
-        # (B, 3, H, W) -> (B, 1+N, Dv) [, the last ViT block's attention (B, heads, 1+N, 1+N)]
-        return self.visual_encoder(images, return_attn=return_attn)
+    def encode_image(self, images):  # (B, 3, H, W) -> (B, 1+N, Dv)
+        return self.visual_encoder(images)
+
+    def encode_image_ranked(self, images):
+        """-> image tokens (B, 1+N, Dv) and patch scores (B, N): the last ViT block's [CLS]
+        attention to each patch, mean over heads (E-PITC's ranking: no caption involved)."""
+        image_embeds, attn = self.visual_encoder(images, return_attn=True)
+        n_special = self.visual_encoder.n_special
+        return image_embeds, attn[:, :, 0, n_special:].float().mean(1)
 
     def encode_text(self, ids, mask):  # (B, L) -> (B, L, Dt), text layers only (no image)
         x, attn_mask = self.embeddings(ids), padding_mask(mask)
@@ -418,9 +424,7 @@ class AlbefEpic(nn.Module):
                 self.momentum_update()
             text_embeds_m, patch_scores = T.encode_text(ids, mask), None
             if cfg.prune_keep < 1:  # E-PITC ranks patches by the teacher ViT's [CLS] attention
-                image_embeds_m, vit_attn = T.encode_image(images, return_attn=True)
-                n_special = T.visual_encoder.n_special
-                patch_scores = vit_attn[:, :, 0, n_special:].float().mean(1)      # (B, N)
+                image_embeds_m, patch_scores = T.encode_image_ranked(images)    # (B, N) scores
             else:
                 image_embeds_m = T.encode_image(images)
             image_feat_m = T.image_feature(image_embeds_m)

@@ -236,14 +236,14 @@ def consistency_pass(model, batch, run, keep):
     S, ids, mask = model.student, batch['input_ids'], batch['attention_mask']
     with torch.no_grad(), run.autocast():
         image_embeds = S.encode_image(batch['image'])                           # (B, 1+N, Dv)
-        _, vit_attn = model.teacher.encode_image(batch['image'], return_attn=True)
+        _, patch_scores = model.teacher.encode_image_ranked(batch['image'])
     labels = torch.ones(ids.shape, device=ids.device)
 
     def run_pass():
         with run.autocast():
             context = image_embeds.detach().requires_grad_()
             if keep < 1:
-                context = ae.prune_patches(context, vit_attn[:, :, 0, 1:].mean(1), keep)
+                context = ae.prune_patches(context, patch_scores, keep)
             fused = S.fuse(S.encode_text(ids, mask), mask, context)
             logits = model.consistency_head(fused).squeeze(-1).float()
         F.binary_cross_entropy_with_logits(logits, labels).backward()
