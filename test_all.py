@@ -67,6 +67,18 @@ def builtin_backbones(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """Runs compared bit for bit within one process use one thread. With two, two identical albef_epic
+    runs in a row differ by ~1e-4 after 4 steps: MKL's multi-threaded sgemm is not repeatable from one
+    call to the next (MKL_CBWR=COMPATIBLE makes `--epic none` exact on two threads, not EPIC's step);
+    on one thread every run is exact."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_backbones(builtin_backbones, monkeypatch, tmp_path_factory):
     """Method runs load their shapes-tiny backbones from the few-step fixture folder, and score captions without
     Java (METEOR's JVM takes seconds per call; the metrics themselves are tested with and without Java above)."""
@@ -1552,7 +1564,8 @@ def test_albef_loss_falls(tiny_backbones, tmp_path):
     assert np.mean(ita[-8:]) < 0.8 * np.mean(ita[:8]), ita
 
 
-def test_albef_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+def test_albef_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch,
+                                                                 one_thread):
     argv = AE_TINY + ['--eval_every', '2', '--eval_images', '4']
     ae.main(argv + ['--out_dir', str(tmp_path / 'straight')])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
@@ -1794,7 +1807,7 @@ def test_cached_features_train_the_same_adapters_as_on_the_fly_encoding(tiny_bac
     assert_same_weights(cached, live, atol=1e-5)
 
 
-def test_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+def test_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch, one_thread):
     argv = A2P_TINY + ['--eval_every', '3']  # checkpoints at steps 3, 6 (end of stage 1), 9 and 10
     a2p.main(argv + ['--out_dir', str(tmp_path / 'straight')])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
@@ -2279,7 +2292,7 @@ def test_blip_loss_falls(tiny_backbones, tmp_path):
     assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8]), losses
 
 
-def test_blip_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+def test_blip_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch, one_thread):
     bgs.main(BGS_TINY + ['--out_dir', str(tmp_path / 'straight')])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
     resumed = interrupted_then_resumed(bgs.main, BGS_TINY, tmp_path / 'resumed', 2, monkeypatch)
@@ -2698,7 +2711,7 @@ def test_cal_loss_falls(tiny_backbones, tmp_path):
     assert np.mean(losses[-6:]) < 0.8 * np.mean(losses[:6]), losses
 
 
-def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch):
+def test_cal_resumed_run_ends_where_the_uninterrupted_run_does(tiny_backbones, tmp_path, monkeypatch, one_thread):
     argv = CAL_TINY + ['--eval_every', '2', '--eval_images', '2', '--caption_noise', '0.3']
     cal.main(argv + ['--out_dir', str(tmp_path / 'straight')])
     straight = torch.load(tmp_path / 'straight' / 'ckpt.pt', weights_only=True)
@@ -3054,26 +3067,19 @@ def test_a_renamed_flag_gets_the_unknown_flag_message_that_names_the_new_one(mod
 
 @pytest.mark.parametrize('name', ['albef_epic', 'align_two_phase', 'blip_gated_sparse', 'cal'])
 def test_every_method_counts_flops_on_a_step_that_leaves_training_unchanged(name, tiny_backbones, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, one_thread):
     module, argv = dict(albef_epic=(ae, AE_TINY), align_two_phase=(a2p, A2P_TINY),
                         blip_gated_sparse=(bgs, BGS_TINY), cal=(cal, CAL_TINY))[name]
-    # One thread: with two, albef_epic's step (Grad-CAM's backward through the teacher) is not bitwise repeatable
-    # within a process (two identical runs in a row differ by ~1e-4 after 4 steps), with or without the count.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        module.main(argv + ['--out_dir', str(tmp_path / 'plain')])
-        counted, count_flops = [], common.count_flops
+    module.main(argv + ['--out_dir', str(tmp_path / 'plain')])
+    counted, count_flops = [], common.count_flops
 
-        def count_as_on_cuda(loss_of_one_batch, model, samples, run):  # the CUDA path, run on the CPU
-            on_cuda = SimpleNamespace(device=torch.device('cuda'), autocast=run.autocast)
-            counted.append(count_flops(loss_of_one_batch, model, samples, on_cuda))
-            return counted[-1]
+    def count_as_on_cuda(loss_of_one_batch, model, samples, run):  # the CUDA path, run on the CPU
+        on_cuda = SimpleNamespace(device=torch.device('cuda'), autocast=run.autocast)
+        counted.append(count_flops(loss_of_one_batch, model, samples, on_cuda))
+        return counted[-1]
 
-        monkeypatch.setattr(common, 'count_flops', count_as_on_cuda)
-        module.main(argv + ['--out_dir', str(tmp_path / 'counted')])
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setattr(common, 'count_flops', count_as_on_cuda)
+    module.main(argv + ['--out_dir', str(tmp_path / 'counted')])
     assert counted and all(flops > 0 for flops in counted)  # one count per stage
     plain, with_count = (torch.load(tmp_path / run / 'ckpt.pt', weights_only=True) for run in ('plain', 'counted'))
     assert_same_weights(plain['model'], with_count['model'], atol=0)
