@@ -29,6 +29,7 @@ of the corrupted caption is consistent with the image (ITC).
 import copy
 import math
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -357,6 +358,17 @@ def prune_patches(image_embeds, patch_scores, keep):
     index = torch.cat([special, top], 1)
     return image_embeds.gather(1, index[..., None].expand(-1, -1, image_embeds.shape[-1]))
 
+@contextmanager
+def eval_mode(module):
+    """Run the block with `module` in eval mode (no dropout), then restore its mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 # ------------------------------------------------------------------------ the model: ALBEF + EPIC
 
 class AlbefEpic(nn.Module):
@@ -528,29 +540,30 @@ class AlbefEpic(nn.Module):
         necessity: CE(token | caption with it masked, no image) - CE(token | same, with the
         image)."""
         T = self.teacher
-        if self.cfg.saliency == 'gradcam':
-            if text_embeds_m is None:
-                text_embeds_m = T.encode_text(ids, mask)
-            with torch.enable_grad():  # the image's keys put the attention maps in a graph
-                image = image_embeds_m.detach().requires_grad_()
-                fused, attns = T.fuse(text_embeds_m, mask, image, return_attn=True)
-                cross_probs = attns[self.cfg.gradcam_layer][1]                  # (B, H, L, 1+N)
-                itm_score = T.itm_head(fused[:, 0])[:, 1].sum()
-                cross_grads, = torch.autograd.grad(itm_score, cross_probs)
-            return gradcam(cross_probs, cross_grads, T.visual_encoder.n_special)  # (B, L)
-        B, L = ids.shape
-        eye = torch.eye(L, dtype=torch.bool, device=ids.device)
-        # (B*L, L): copy j masks token j
-        masked = ids[:, None].masked_fill(eye, self.mask_id).flatten(0, 1)
-        rep_mask = mask.repeat_interleave(L, 0)
-        text = T.encode_text(masked, rep_mask)
-        ce = []
-        for image in (None, image_embeds_m.repeat_interleave(L, 0)):
-            fused = T.fuse(text, rep_mask, image).view(B, L, L, -1)            # (B, copy, L, D)
-            hidden = fused[:, torch.arange(L), torch.arange(L)]                 # (B, L, D)
-            logits = T.mlm_head(hidden).flatten(0, 1).float()                   # (B*L, V)
-            ce.append(F.cross_entropy(logits, ids.flatten(), reduction='none'))
-        return (ce[0] - ce[1]).view(B, L)
+        with eval_mode(T):  # as ALBEF's Grounding.py: dropout would zero part of the maps
+            if self.cfg.saliency == 'gradcam':
+                if text_embeds_m is None:
+                    text_embeds_m = T.encode_text(ids, mask)
+                with torch.enable_grad():  # the image's keys put the attention maps in a graph
+                    image = image_embeds_m.detach().requires_grad_()
+                    fused, attns = T.fuse(text_embeds_m, mask, image, return_attn=True)
+                    cross_probs = attns[self.cfg.gradcam_layer][1]                  # (B, H, L, 1+N)
+                    itm_score = T.itm_head(fused[:, 0])[:, 1].sum()
+                    cross_grads, = torch.autograd.grad(itm_score, cross_probs)
+                return gradcam(cross_probs, cross_grads, T.visual_encoder.n_special)  # (B, L)
+            B, L = ids.shape
+            eye = torch.eye(L, dtype=torch.bool, device=ids.device)
+            # (B*L, L): copy j masks token j
+            masked = ids[:, None].masked_fill(eye, self.mask_id).flatten(0, 1)
+            rep_mask = mask.repeat_interleave(L, 0)
+            text = T.encode_text(masked, rep_mask)
+            ce = []
+            for image in (None, image_embeds_m.repeat_interleave(L, 0)):
+                fused = T.fuse(text, rep_mask, image).view(B, L, L, -1)            # (B, copy, L, D)
+                hidden = fused[:, torch.arange(L), torch.arange(L)]                 # (B, L, D)
+                logits = T.mlm_head(hidden).flatten(0, 1).float()                   # (B*L, V)
+                ce.append(F.cross_entropy(logits, ids.flatten(), reduction='none'))
+            return (ce[0] - ce[1]).view(B, L)
 
 # ----------------------------------------------------------------------------- evaluation
 

@@ -1458,6 +1458,23 @@ def test_teacher_follows_the_students_train_and_eval_mode(albef):
     assert model.train().teacher.training and not model.eval().teacher.training
 
 
+@pytest.mark.parametrize('saliency', ['gradcam', 'necessity'])
+def test_saliency_reads_the_teacher_in_eval_mode_during_training(albef, saliency):
+    """As ALBEF's Grounding.py: with a dropout backbone (bert-base's 0.1) a train-mode teacher would zero part of
+    the attention maps and their gradients; the teacher goes back to train mode after."""
+    _, model = albef('--saliency', saliency)
+    batch, modes = shapes_train_batch(4), []
+    hooks = [m.register_forward_pre_hook(lambda m, args: modes.append(m.training)) for m in model.teacher.modules()]
+    model.train()
+    with torch.no_grad():
+        image_m = model.teacher.encode_image(batch['image'])
+        modes.clear()
+        model.saliency(batch['input_ids'], batch['attention_mask'], image_m)
+    for hook in hooks:
+        hook.remove()
+    assert modes and not any(modes) and model.teacher.training
+
+
 def test_teacher_takes_one_ema_step_per_optimizer_step_under_grad_accum(albef, tiny_backbones, tmp_path, monkeypatch):
     cfg, model = albef('--momentum', '0.9', '--epic', 'none')
     with torch.no_grad():
