@@ -358,6 +358,7 @@ def prune_patches(image_embeds, patch_scores, keep):
     index = torch.cat([special, top], 1)
     return image_embeds.gather(1, index[..., None].expand(-1, -1, image_embeds.shape[-1]))
 
+
 @contextmanager
 def eval_mode(module):
     """Run the block with `module` in eval mode (no dropout), then restore its mode."""
