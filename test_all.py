@@ -1522,19 +1522,25 @@ def test_epic_losses_train_the_generator_and_the_consistency_head(albef):
     cfg, model = albef('--prune_keep', '0.5')
     losses = model(shapes_train_batch(8), alpha=0.4)
     assert {'ita', 'itm', 'mlm', 'itc', 'gen', 'loss'} <= set(losses)
-    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 8 * losses['itc']
-                               + losses['gen'])
+    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 2 * losses['itc']
+                               + losses['gen'])  # the shapes preset's weight
     losses['loss'].backward()
     for part in (model.generator, model.consistency_head, model.student.fusion_layers):
         assert all(p.grad is not None for p in part.parameters())
 
 
 def test_lambda_itc_weights_the_consistency_loss_and_generator_layers_sets_its_depth(albef):
-    cfg, model = albef('--lambda_itc', '2', '--generator_layers', '1')
+    cfg, model = albef('--lambda_itc', '0.5', '--generator_layers', '1')
     assert len(model.generator.layers) == 1
     losses = model(shapes_train_batch(8), alpha=0.4)
-    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 2 * losses['itc']
+    torch.testing.assert_close(losses['loss'], losses['ita'] + losses['itm'] + losses['mlm'] + 0.5 * losses['itc']
                                + losses['gen'])
+
+
+def test_the_shapes_preset_weighs_consistency_at_2_and_the_paper_presets_at_epics_8():
+    weight = lambda *argv: common.parse_config(ae.Config, ae.PRESETS, list(argv)).lambda_itc
+    assert weight() == 2.0 and weight('--lambda_itc', '8') == 8.0
+    assert weight('--data', 'coco') == weight('--data', 'flickr30k') == weight('--data', 'json') == 8.0
 
 
 def test_epic_none_builds_and_trains_no_epic_parameters(albef, tiny_backbones, tmp_path):
