@@ -499,6 +499,7 @@ class AlbefEpic(nn.Module):
         self.enqueue(gathered[0], gathered[1], gathered[2], gathered[3])
         return losses
 
+    @torch.compiler.disable  # random draws over symbolic shapes fail under torch.compile
     def choose_rewrites(self, words, saliency=None, generator=None):
         """EPIC's tokens to rewrite, (B, L) bool: ceil(mask_ratio * n) of each caption's words,
         drawn by saliency at --mask_temperature, or uniformly (--epic random: saliency=None)."""
@@ -533,6 +534,7 @@ class AlbefEpic(nn.Module):
         loss_itc = F.binary_cross_entropy_with_logits(itc_logits[labelled], consistent[labelled])
         return dict(itc=loss_itc, gen=loss_gen, replaced=1 - consistent[words].mean().detach())
 
+    @torch.compiler.disable  # Grad-CAM differentiates w.r.t. attention maps: eager only
     @torch.no_grad()
     def saliency(self, ids, mask, image_embeds_m, text_embeds_m=None):
         """(B, L) how much each token's match with *this* image rests on the image, by the teacher

@@ -1543,6 +1543,15 @@ def test_the_shapes_preset_weighs_consistency_at_2_and_the_paper_presets_at_epic
     assert weight('--data', 'coco') == weight('--data', 'flickr30k') == weight('--data', 'json') == 8.0
 
 
+def test_albef_epic_trains_under_torch_compile(tiny_backbones, monkeypatch, tmp_path):
+    """Grad-CAM differentiates w.r.t. attention maps: it runs eagerly inside the compiled step (the run
+    used to stop at the first step; the token draws' own failure needs dynamic shapes, which a 20-step default
+    run reaches). Not inductor's C++ build (minutes here): AOTAutograd's graphs without it fail the same way."""
+    monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend='aot_eager'))
+    ae.main(AE_TINY + ['--compile', 'true', '--max_steps', '2', '--out_dir', str(tmp_path)])
+    assert 'itc_auroc' in json.loads((tmp_path / 'metrics.json').read_text())
+
+
 def test_epic_none_builds_and_trains_no_epic_parameters(albef, tiny_backbones, tmp_path):
     cfg, model = albef('--epic', 'none')
     assert not hasattr(model, 'generator') and not hasattr(model, 'consistency_head')
