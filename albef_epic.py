@@ -22,6 +22,7 @@ of the corrupted caption is consistent with the image (ITC).
     python albef_epic.py --epic none        # plain ALBEF (the ablation's first row)
     python albef_epic.py --epic random      # consistency task on randomly chosen tokens
     python albef_epic.py --mask_temperature 0   # rewrite the most salient words (top-k)
+    python albef_epic.py --lambda_itc 8         # EPIC's consistency weight (the preset's is 2)
     python albef_epic.py --prune_keep 0.5   # E-PITC: the consistency pass sees the top 50% patches
     python albef_epic.py --data coco --data_root /data/coco   # DeiT-B/16 + BERT-base 6+6, 256 px
     torchrun --standalone --nproc_per_node=8 albef_epic.py --data coco --data_root /data/coco
