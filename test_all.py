@@ -1544,10 +1544,12 @@ def test_the_shapes_preset_weighs_consistency_at_2_and_the_paper_presets_at_epic
 
 
 def test_albef_epic_trains_under_torch_compile(tiny_backbones, monkeypatch, tmp_path):
-    """Grad-CAM differentiates w.r.t. attention maps: it runs eagerly inside the compiled step (the run
-    used to stop at the first step; the token draws' own failure needs dynamic shapes, which a 20-step default
-    run reaches). Not inductor's C++ build (minutes here): AOTAutograd's graphs without it fail the same way."""
+    """Grad-CAM differentiates w.r.t. attention maps, and the token draws fail over symbolic shapes: both
+    run eagerly inside the compiled step (the run used to stop at its first step). Shapes are dynamic from the
+    start, as caption lengths make them in a real run; not inductor's C++ build (minutes here): AOTAutograd's
+    graphs without it fail the same way."""
     monkeypatch.setattr(torch, 'compile', partial(torch.compile, backend='aot_eager'))
+    monkeypatch.setattr(torch._dynamo.config, 'assume_static_by_default', False)
     ae.main(AE_TINY + ['--compile', 'true', '--max_steps', '2', '--out_dir', str(tmp_path)])
     assert 'itc_auroc' in json.loads((tmp_path / 'metrics.json').read_text())
 
