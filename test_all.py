@@ -1968,6 +1968,14 @@ BGS_TINY = ['--max_steps', '4', '--batch_size', '4', '--eval_images', '6', '--va
             '--warmup_steps', '1', '--max_new_tokens', '6', '--min_new_tokens', '2', '--eval_every', '2']
 
 
+def test_blip_shapes_preset_trains_1000_steps_with_a_val_eval_every_100():
+    """1,000 steps keep a first run, backbone builds included, under 10 minutes on 2 cores (README); the val curve
+    keeps its resolution of 100 steps, which steps_to_90_cider / steps_to_95_cider read."""
+    cfg = parse_config(bgs.Config, bgs.PRESETS, [], stem='blip_gated_sparse')
+    assert (cfg.max_steps, cfg.eval_every, cfg.batch_size) == (1000, 100, 64)
+    assert parse_config(bgs.Config, bgs.PRESETS, ['--data', 'coco'], stem='blip_gated_sparse').max_steps == 11_000
+
+
 def blip(tiny_backbones, *argv):
     cfg = parse_config(bgs.Config, bgs.PRESETS, list(argv), stem='blip_gated_sparse')
     tokenizer = bgs.decoder_tokenizer(cfg.text_backbone)
