@@ -88,11 +88,11 @@ REAL = dict(vision_backbone='facebook/deit-base-patch16-224', text_backbone='ber
             fusion_layers=6, image_size=256, max_len=40, queue_size=65536, batch_size=64, lr=1e-4,
             weight_decay=0.02, warmup_steps=2000, max_steps=100_000, alpha_warmup_steps=2000,
             k_test=256, log_every=50, eval_every=5000, grad_checkpointing=True, gradcam_layer=2)
-PRESETS = {  # shapes: ~10.5 minutes on 2 CPU cores. A run this short wants a short queue (the
-    # teacher's features go stale within a few steps: a 1,024 queue cost 17 rmean), a high lr, and
-    # ITM negatives that become hard only once ITM has learned the easy ones (hard negatives from
-    # step 0 kept ITM at chance). The consistency loss weighs 2, not EPIC's 8: at 8 it outweighs
-    # MLM and ITM together and cost 7 rmean (three seeds each, README).
+PRESETS = {  # shapes: ~9 minutes on a 2-core CPU (README). A run this short wants a short queue
+    # (the teacher's features go stale within a few steps: a 1,024 queue cost 17 rmean), a high lr,
+    # and ITM negatives that become hard only once ITM has learned the easy ones (hard negatives
+    # from step 0 kept ITM at chance). The consistency loss weighs 2, not EPIC's 8: at 8 it
+    # outweighs MLM and ITM together and cost 7 rmean (three seeds each, README).
     'shapes': dict(batch_size=64, max_steps=1150, lr=1e-3, warmup_steps=100, queue_size=256,
                    hard_negative_warmup=400, log_every=20, lambda_itc=2.0),
     'coco': REAL, 'flickr30k': dict(REAL, k_test=128), 'json': REAL,
